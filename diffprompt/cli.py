@@ -1,0 +1,47 @@
+"""The `diffprompt` command: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module and is imported only when it runs, so `diffprompt
+serve` never imports torch. `diffprompt COMMAND --help` shows the command's own options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with build_parser() and main(args), one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("training.data.synthetic.cli", "write synthetic splits (MDETR-style json + PNG) or a preview sheet"),
+    "pretrain": ("training.pretrain_foundation", "stage 0: pretrain the embedded-default foundation"),
+    "evaluate": ("training.evaluate", "score a checkpoint on a split: R@1 / R@5 / UB per expression kind"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="diffprompt",
+        description="Diff-Prompt visual grounding: train, evaluate, export and serve.",
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {d}" for n, (_, d) in COMMANDS.items())
+        + "\n\nRun `diffprompt COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if not argv:
+        parser.print_help()
+        return 2
+    ns = parser.parse_args(argv[:1])
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    sub = argparse.ArgumentParser(
+        prog=f"diffprompt {ns.command}", description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    args = module.build_parser(sub).parse_args(argv[1:])
+    result = module.main(args)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The synthetic world follows DESIGN.md section 4 and its expressions mean what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training.data.synthetic.expressions import GENERATORS, category_queries
+from training.data.synthetic.language import Category, evaluate, kind_of, parse, to_text
+from training.data.synthetic.splits import SPLITS, generate_image
+from training.data.synthetic.world import (
+    BACKGROUND_GRAY,
+    CANVAS,
+    COLORS,
+    MIN_GAP,
+    SHAPES,
+    SIZES,
+    boxes_apart,
+    draw_mask,
+    sample_scene,
+    tight_box,
+)
+
+
+def test_scene_is_deterministic_per_seed():
+    a = sample_scene(np.random.default_rng(7))
+    b = sample_scene(np.random.default_rng(7))
+    c = sample_scene(np.random.default_rng(8))
+    assert np.array_equal(a.image, b.image)
+    assert [o.box for o in a.objects] == [o.box for o in b.objects]
+    assert not np.array_equal(a.image, c.image)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31))
+def test_scene_follows_the_spec(seed):
+    scene = sample_scene(np.random.default_rng(seed))
+    assert scene.image.shape == (CANVAS, CANVAS, 3) and scene.image.dtype == np.uint8
+    assert 3 <= len(scene.objects) <= 6
+    for i, o in enumerate(scene.objects):
+        assert o.shape in SHAPES and o.color in COLORS and o.size in SIZES
+        x0, y0, x1, y1 = o.box
+        assert 0 <= x0 < x1 <= CANVAS and 0 <= y0 < y1 <= CANVAS
+        assert o.box == tight_box(o.mask)
+        lo, hi = SIZES[o.size]
+        assert lo - 2 <= max(x1 - x0, y1 - y0) <= hi + 1  # outer diameter, rasterised
+        # colour within +-10 of the base on every pixel of the mask (objects are not noisy)
+        diff = np.abs(scene.image[o.mask].astype(int) - np.array(COLORS[o.color]))
+        assert diff.max() <= 10
+        for other in scene.objects[i + 1:]:
+            assert boxes_apart(o.box, other.box, MIN_GAP)
+    background = ~np.any([o.mask for o in scene.objects], axis=0)
+    level = np.median(scene.image[background])
+    assert BACKGROUND_GRAY[0] - 3 <= level <= BACKGROUND_GRAY[1] + 3
+    assert 3.0 < scene.image[background].astype(float).std() < 10.0  # sigma 6 noise
+
+
+def test_shapes_are_drawn_as_specified():
+    star = draw_mask("star", 50, 50, 36)
+    square = draw_mask("square", 50, 50, 30)
+    triangle = draw_mask("triangle", 50, 50, 36)
+    hexagon = draw_mask("hexagon", 50, 50, 36)
+    # A square fills its box; a star far less (inner radius 0.45).
+    box_fill = lambda m: m.sum() / np.prod(np.subtract(tight_box(m)[2:], tight_box(m)[:2]))  # noqa: E731
+    assert box_fill(square) > 0.97
+    assert box_fill(star) < 0.6
+    # Triangle apex up: the top row of its box is narrower than the bottom row.
+    ys = np.nonzero(triangle.any(1))[0]
+    assert triangle[ys[0]].sum() < triangle[ys[-1]].sum()
+    # Hexagon with a flat top: its top row is wide, unlike a pointy-top hexagon.
+    ys = np.nonzero(hexagon.any(1))[0]
+    assert hexagon[ys[0]].sum() > 10
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), kind=st.sampled_from(sorted(GENERATORS)))
+def test_every_generated_expression_denotes_exactly_its_target(seed, kind):
+    rng = np.random.default_rng(seed)
+    scene = sample_scene(rng)
+    for expr, targets in GENERATORS[kind](scene.objects, rng):
+        text = to_text(expr)
+        assert text == text.lower()
+        parsed = parse(text)
+        assert parsed == expr
+        found = evaluate(parsed, scene.objects)
+        assert found == targets, (text, found, targets)
+        assert len(found) == 1, f"non-category expression {text!r} must refer to one object"
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31))
+def test_category_queries_have_every_matching_object_as_target(seed):
+    scene = sample_scene(np.random.default_rng(seed))
+    for expr, targets in category_queries(scene.objects):
+        assert isinstance(expr, Category)
+        assert sorted(evaluate(parse(to_text(expr)), scene.objects)) == sorted(targets)
+        assert len(targets) >= 1
+
+
+def test_evaluator_rejects_ambiguity():
+    # Two identical red stars side by side: "the red star" is ambiguous, "the leftmost red star" is not.
+    from training.data.synthetic.world import SceneObject
+
+    def obj(x, shape="star", color="red"):
+        m = draw_mask(shape, x, 60, 16)
+        return SceneObject(shape, color, "small", m, tight_box(m))
+
+    objects = [obj(20), obj(60), obj(100, "circle", "blue")]
+    assert len(evaluate(parse("the red star"), objects)) == 2
+    assert evaluate(parse("the leftmost red star"), objects) == [0]
+    assert evaluate(parse("the star left of the blue circle"), objects) == [0, 1]  # two candidates
+    assert evaluate(parse("the second star from the right"), objects) == [0]
+    with pytest.raises(ValueError, match="not an expression"):
+        parse("the purple elephant")
+
+
+def test_splits_hold_their_kinds_and_differ():
+    for name, spec in SPLITS.items():
+        kinds = {kind_of(e) for i in range(30) for e, _ in generate_image(spec, i).expressions}
+        assert kinds <= set(spec.kinds), name
+        assert kinds, name
+    assert {kind_of(e) for i in range(30) for e, _ in generate_image(SPLITS["testB"], i).expressions} == {
+        "relation", "ordinal"}
+    a = generate_image(SPLITS["train"], 0).scene.image
+    b = generate_image(SPLITS["val"], 0).scene.image
+    assert not np.array_equal(a, b)
+    heldout = [t for i in range(20) for _, t in generate_image(SPLITS["heldout"], i).expressions]
+    assert heldout and all(len(t) == 1 for t in heldout)

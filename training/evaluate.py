@@ -1,0 +1,77 @@
+"""Score a grounding checkpoint on a split: R@1 / R@5 / UB per expression kind.
+
+    diffprompt evaluate --checkpoint checkpoints/foundation --split val testA testB
+    diffprompt evaluate --checkpoint checkpoints/foundation --json path/to/finetune_refcoco_val.json
+    diffprompt evaluate --checkpoint /models/owlv2-base --json ... --criterion giou
+
+`--split` names synthetic splits under `--data-dir` (written there first if missing);
+`--json` takes any MDETR-style file. IoU >= 0.5 is the default criterion; `giou` is the
+official MDETR evaluator's. `--out` also writes the tables as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from training.data.mdetr import load_mdetr
+from training.evaluation.rec import evaluate_samples
+from training.models.grounding import load_grounding_model
+from training.models.tokenizer import TOKENIZER_FILE, QueryTokenizer
+
+
+def load_foundation(checkpoint: str | Path):
+    """(model, tokenizer) from a checkpoint directory holding tokenizer.json too."""
+    checkpoint = Path(checkpoint)
+    model = load_grounding_model(checkpoint)
+    tokenizer = QueryTokenizer.from_file(checkpoint / TOKENIZER_FILE, model.config.max_text_length)
+    return model, tokenizer
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_foundation(args.checkpoint)
+    datasets: list[tuple[str, Path]] = [(Path(j).stem, Path(j)) for j in args.json]
+    if args.split:
+        from training.data.synthetic.splits import SPLITS
+        from training.data.synthetic.writer import write_split
+
+        for name in args.split:
+            path = Path(args.data_dir) / f"{name}.json"
+            if not path.exists():
+                write_split(SPLITS[name], Path(args.data_dir), progress=args.progress)
+            datasets.append((name, path))
+    if not datasets:
+        raise SystemExit("nothing to evaluate: give --split and/or --json")
+    report = {}
+    for name, path in datasets:
+        samples = list(load_mdetr(path))[: args.limit]
+        acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, progress=args.progress)
+        print(f"\n{name} ({path}, {len(samples)} expressions, {args.criterion.upper()} >= 0.5)")
+        print(acc.format_table())
+        report[name] = [row.as_dict() for row in acc.summary()]
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "criterion": args.criterion,
+                                              "results": report}, indent=2))
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--split", nargs="*", default=[], help="synthetic split names (val, testA, testB, heldout, ...)")
+    p.add_argument("--json", nargs="*", default=[], help="MDETR-style json files")
+    p.add_argument("--data-dir", default="data/synthetic")
+    p.add_argument("--criterion", default="iou", choices=["iou", "giou"])
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
+    p.add_argument("--out", default=None, help="also write the tables as JSON here")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(build_parser().parse_args()))

@@ -1,0 +1,1 @@
+"""Training plumbing: distributed set-up, run folders, resumable checkpoints."""
