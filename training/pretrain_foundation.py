@@ -192,7 +192,7 @@ def save_final(model: GroundingModel, tokenizer: QueryTokenizer, out: Path) -> N
     def write(d: Path) -> None:
         model.save_pretrained(d)
         tokenizer.save(d)
-    save_checkpoint(out, write, None, {"stage": "foundation"})
+    save_checkpoint(out, write, None, None)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -207,7 +207,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--output", default="checkpoints/foundation", help="where the best model is written")
     p.add_argument("--run-root", default="runs")
     p.add_argument("--resume", default=None, help="a checkpoint-last directory to continue from")
-    p.add_argument("--steps", type=int, default=4500)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32, help="images per process per step")
     p.add_argument("--max-queries", type=int, default=48, help="queries per batch, negatives included")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -38,11 +38,12 @@ def test_independent_renderer_data_loads_and_evaluates(foundation, tmp_path):
     """Data from a separately written renderer of DESIGN section 4 goes through loader + model."""
     from tests.independent_world.render import write_dataset
 
-    json_path = write_dataset(tmp_path, n_images=12, seed=123)
+    json_path = write_dataset(tmp_path, n_images=40, seed=123)
     samples = load_mdetr(json_path)
     assert len(samples) > 0
     model, tok = foundation
-    acc = evaluate_samples(model, tok, samples, progress=False)
-    rows = acc.summary()
-    assert rows[-1].n == len(samples)
-    assert all(0.0 <= r["R@1"] <= 1.0 for r in rows)
+    rows = {r.group: r for r in evaluate_samples(model, tok, samples, progress=False).summary()}
+    assert rows["all"].n == len(samples)
+    # Its single-target category queries are the foundation's own task: it must still solve them
+    # (95.7% on 200 images in docs/results.md).
+    assert rows["category"]["R@1"] >= 0.85, rows["category"]

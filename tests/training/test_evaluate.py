@@ -67,3 +67,11 @@ def test_cli_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for name in ("data", "pretrain", "evaluate"):
         assert name in out
+
+
+@pytest.mark.parametrize("command", ["data", "pretrain", "evaluate"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: diffprompt " + command in capsys.readouterr().out

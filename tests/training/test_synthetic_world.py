@@ -23,6 +23,9 @@ from training.data.synthetic.world import (
     tight_box,
 )
 
+# Box extent of each shape relative to its outer (circumscribed) diameter.
+EXTENT = {"circle": 1.0, "square": 2**-0.5, "triangle": 3**0.5 / 2, "diamond": 1.0, "star": 0.951, "hexagon": 1.0}
+
 
 def test_scene_is_deterministic_per_seed():
     a = sample_scene(np.random.default_rng(7))
@@ -45,7 +48,8 @@ def test_scene_follows_the_spec(seed):
         assert 0 <= x0 < x1 <= CANVAS and 0 <= y0 < y1 <= CANVAS
         assert o.box == tight_box(o.mask)
         lo, hi = SIZES[o.size]
-        assert lo - 2 <= max(x1 - x0, y1 - y0) <= hi + 1  # outer diameter, rasterised
+        extent = EXTENT[o.shape]  # widest side of the box / outer diameter
+        assert lo * extent - 2 <= max(x1 - x0, y1 - y0) <= hi * extent + 2  # rasterised edges
         # colour within +-10 of the base on every pixel of the mask (objects are not noisy)
         diff = np.abs(scene.image[o.mask].astype(int) - np.array(COLORS[o.color]))
         assert diff.max() <= 10
@@ -60,12 +64,17 @@ def test_scene_follows_the_spec(seed):
 def test_shapes_are_drawn_as_specified():
     star = draw_mask("star", 50, 50, 36)
     square = draw_mask("square", 50, 50, 30)
+    diamond = draw_mask("diamond", 50, 50, 30)
     triangle = draw_mask("triangle", 50, 50, 36)
     hexagon = draw_mask("hexagon", 50, 50, 36)
     # A square fills its box; a star far less (inner radius 0.45).
     box_fill = lambda m: m.sum() / np.prod(np.subtract(tight_box(m)[2:], tight_box(m)[:2]))  # noqa: E731
     assert box_fill(square) > 0.97
     assert box_fill(star) < 0.6
+    # A diamond is the square rotated by 45 degrees: same area, box sqrt(2) wider.
+    assert abs(int(square.sum()) - int(diamond.sum())) < 0.05 * square.sum()
+    assert abs((tight_box(diamond)[2] - tight_box(diamond)[0]) / (tight_box(square)[2] - tight_box(square)[0])
+               - 2**0.5) < 0.1
     # Triangle apex up: the top row of its box is narrower than the bottom row.
     ys = np.nonzero(triangle.any(1))[0]
     assert triangle[ys[0]].sum() < triangle[ys[-1]].sum()

@@ -50,9 +50,12 @@ def save_checkpoint(
     directory: str | Path,
     save_model: Callable[[Path], None],
     optimizer: torch.optim.Optimizer | None,
-    trainer_state: dict[str, Any],
+    trainer_state: dict[str, Any] | None,
 ) -> Path:
-    """Atomically write a checkpoint directory. `save_model(dir)` writes the model files."""
+    """Atomically write a checkpoint directory. `save_model(dir)` writes the model files.
+
+    With `optimizer` and `trainer_state` both None this is just an atomic `save_model`.
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -63,7 +66,8 @@ def save_checkpoint(
     if optimizer is not None:
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=2))
+    if trainer_state is not None:
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=2))
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         if old.exists():

@@ -58,7 +58,12 @@ class Scene:
 
 
 def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
-    """Vertices of a polygonal shape with outer radius `radius` (px), y pointing down."""
+    """Vertices of a polygonal shape with outer radius `radius` (px), y pointing down.
+
+    "Outer diameter" (DESIGN section 4) is read as the diameter of the circle through the
+    outermost points, for every shape: a square of outer diameter d has side d / sqrt(2),
+    exactly the diamond's, as "diamond = square rotated by 45 degrees" requires.
+    """
 
     def ring(n: int, start_deg: float, r: float) -> list[tuple[float, float]]:
         return [
@@ -67,9 +72,8 @@ def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> list[tuple
             for i in range(n)
         ]
 
-    if shape == "square":  # axis-aligned: corners at 45 degrees, outer diameter = side
-        h = radius
-        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "square":  # axis-aligned: corners on the outer circle at 45 degrees
+        return ring(4, -45, radius)
     if shape == "triangle":  # equilateral, apex up (-90 degrees in image coordinates)
         return ring(3, -90, radius)
     if shape == "diamond":  # square rotated by 45 degrees: vertices up/right/down/left
