@@ -109,8 +109,8 @@ def main(args: argparse.Namespace) -> dict:
     log.info(f"model: {n_params / 1e6:.2f} M parameters, config {json.dumps(model.config.to_dict())}")
 
     # The detection loss never reaches CLIP's pooled image projection and contrastive scale; freeze
-    # them (they stay as initialised: an invertible random map of the CLS token) so DDP sees no
-    # unused parameters.
+    # them (the pooled embedding stays a fixed random projection of the trained CLS token) so DDP
+    # sees no unused parameters.
     for p in (*model.visual_projection.parameters(), model.logit_scale):
         p.requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -123,15 +123,15 @@ def main(args: argparse.Namespace) -> dict:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.98),
     )
-    start_step = 0
+    start_step, best, history = 0, -1.0, []
     if args.resume:
         state = load_trainer_state(args.resume, optimizer)
-        start_step = state["step"]
-        log.info(f"resumed from {args.resume} at step {start_step}")
+        start_step, best, history = state["step"], state.get("best", -1.0), state.get("history", [])
+        log.info(f"resumed from {args.resume} at step {start_step} (best held-out R@1 so far {best:.4f})")
 
-    rng = np.random.default_rng([args.seed, info.rank])
+    # Negative-query sampling; a resumed run draws a fresh stream for its remaining steps.
+    rng = np.random.default_rng([args.seed, info.rank, start_step] if start_step else [args.seed, info.rank])
     per_epoch = max(1, len(train_set) // (args.batch_size * info.world_size))
-    best, history = -1.0, []
     t0 = time.time()
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="pretrain",
                disable=not info.is_main or not args.progress, unit="step")
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> dict:
                 log.info(f"saved best foundation to {args.output}")
         if info.is_main and ((step + 1) % args.save_every == 0 or last):
             save_checkpoint(run_dir / "checkpoint-last", model.save_pretrained, optimizer,
-                            {"step": step + 1, "args": vars(args), "history": history})
+                            {"step": step + 1, "best": best, "args": vars(args), "history": history})
         barrier(info)
 
     summary = {"best_heldout_R@1": best, "seconds": time.time() - t0, "history": history, "run_dir": str(run_dir)}

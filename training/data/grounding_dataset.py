@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from training.data.records import DatasetError, GroundingSample
+from training.losses import DetectionTargets
 from training.models.preprocess import pixels_to_normalized, preprocess_image
 
 
@@ -74,8 +75,6 @@ class ImageQueriesDataset(Dataset):
 
 def detection_collate(items: list[dict], vocabulary: Sequence[str], max_queries: int, rng: np.random.Generator):
     """-> (pixels (B,3,S,S), queries list[str] (Q), DetectionTargets)."""
-    from training.losses import DetectionTargets
-
     queries = list(dict.fromkeys(q for it in items for q in it["queries"]))
     extra = [v for v in vocabulary if v not in set(queries)]
     room = max(0, max_queries - len(queries))
