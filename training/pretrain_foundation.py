@@ -135,9 +135,11 @@ def main(args: argparse.Namespace) -> dict:
     t0 = time.time()
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="pretrain",
                disable=not info.is_main or not args.progress, unit="step")
+    order_epoch, order = -1, None
     for step in bar:
         epoch, within = divmod(step, per_epoch)
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
+        if epoch != order_epoch:  # same shuffle on every rank; each takes its own slice
+            order_epoch, order = epoch, np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
         lo = (within * info.world_size + info.rank) * args.batch_size
         items = [train_set[int(i)] for i in order[lo: lo + args.batch_size]]
         pixels, queries, targets = detection_collate(items, train_set.vocabulary, args.max_queries, rng)

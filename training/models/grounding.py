@@ -265,6 +265,18 @@ class TextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[:T]  # (Q, T, Dt)
 
 
+def causal_padding_bias(attention_mask: torch.Tensor, n_prompt: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias (Q, 1, L+T, L+T): causal over [prompts, tokens], padding keys
+    masked, the L prompts always visible. attention_mask (Q, T), 1 = token, 0 = padding."""
+    Q, T = attention_mask.shape
+    n = n_prompt + T
+    keep = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril()  # (n, n)
+    keys = torch.cat([attention_mask.new_ones(Q, n_prompt), attention_mask], dim=1).bool()  # (Q, n)
+    keep = keep[None] & keys[:, None, :]  # (Q, n, n)
+    bias = torch.zeros(Q, 1, n, n, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~keep[:, None], torch.finfo(dtype).min)
+
+
 class TextTransformer(nn.Module):
     def __init__(self, cfg: GroundingConfig):
         super().__init__()
@@ -276,19 +288,18 @@ class TextTransformer(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prompts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden state (Q, T, Dt), pooled at EOS (Q, Dt)). EOS = the largest id, as in CLIP."""
-        Q, T = input_ids.shape
+        Q = input_ids.shape[0]
         x = self.embeddings(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
+        biases: dict[int, torch.Tensor] = {}  # by prompt length: built once, shared by the layers
+        dtype = x.dtype
+
         def attn_bias(n_prompt: int) -> torch.Tensor:
-            # Causal over [prompts, tokens]; padding keys masked; prompts are always visible.
-            n = n_prompt + T
-            keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # (n, n)
-            keys = torch.cat([attention_mask.new_ones(Q, n_prompt), attention_mask], dim=1).bool()  # (Q, n)
-            keep = keep[None] & keys[:, None, :]  # (Q, n, n)
-            bias = torch.zeros(Q, 1, n, n, dtype=x.dtype, device=x.device)
-            return bias.masked_fill(~keep[:, None], torch.finfo(x.dtype).min)
+            if n_prompt not in biases:
+                biases[n_prompt] = causal_padding_bias(attention_mask, n_prompt, dtype)
+            return biases[n_prompt]
 
         x = self.final_layer_norm(self.encoder(x, prompts, attn_bias))
         eos = input_ids.to(torch.int32).argmax(dim=-1)  # (Q,)
