@@ -14,7 +14,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("training.data.synthetic.cli", "write synthetic splits (MDETR-style json + PNG) or a preview sheet"),
     "pretrain": ("training.pretrain_foundation", "stage 0: pretrain the embedded-default foundation"),
+    "train-vae": ("training.train_mask_vae", "stage 1: train the Mask-VAE on referred-object masks"),
+    "train-dit": ("training.train_prompt_dit", "stage 2: train the DiT prompt generator on mask latents"),
+    "train-prompts": ("training.train_prompts", "stage 3 (or a baseline): train prompts on the frozen foundation"),
     "evaluate": ("training.evaluate", "score a checkpoint on a split: R@1 / R@5 / UB per expression kind"),
+    "export": ("model_export.export", "export a pipeline to ONNX artifact directories (fixed DDIM step counts)"),
+    "results": ("training.build_results", "rebuild the whole results table from scratch (long)"),
 }
 
 
@@ -23,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="diffprompt",
         description="Diff-Prompt visual grounding: train, evaluate, export and serve.",
-        epilog="commands:\n" + "\n".join(f"  {n:<10} {d}" for n, (_, d) in COMMANDS.items())
+        epilog="commands:\n" + "\n".join(f"  {n:<14} {d}" for n, (_, d) in COMMANDS.items())
         + "\n\nRun `diffprompt COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -20,7 +20,7 @@ def small_world(tmp_path_factory) -> Path:
     from training.data.synthetic.writer import write_split
 
     out = tmp_path_factory.mktemp("world")
-    for name, n in [("pretrain", 24), ("heldout", 12), ("val", 8), ("testA", 8), ("testB", 8)]:
+    for name, n in [("pretrain", 24), ("heldout", 12), ("train", 16), ("val", 8), ("testA", 8), ("testB", 8)]:
         write_split(SPLITS[name], out, n_images=n, progress=False)
     return out
 
@@ -30,3 +30,44 @@ def foundation_dir() -> Path:
     if not (FOUNDATION_DIR / "model.safetensors").exists():
         pytest.fail(f"{FOUNDATION_DIR} missing: the embedded-default foundation must be committed")
     return FOUNDATION_DIR
+
+
+def build_tiny_pipeline(root: Path, conditioning: str = "tokens") -> Path:
+    """A randomly initialised Diff-Prompt pipeline (baby presets) saved under `root`; returns its directory."""
+    import torch
+
+    from training.models.diffprompt import write_pipeline_file
+    from training.models.grounding import GROUNDING_PRESETS, GroundingModel
+    from training.models.mask_vae import build_mask_vae
+    from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
+    from training.models.prompt_learners import PromptLearner
+    from training.models.prompt_sampler import make_scheduler
+    from training.models.tokenizer import QueryTokenizer
+
+    torch.manual_seed(0)
+    tok = QueryTokenizer.synthetic()
+    f = GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size))
+    f.save_pretrained(root / "foundation")
+    tok.save(root / "foundation")
+    build_mask_vae("baby").save_pretrained(root / "vae")
+    cfg = f.config
+    dit = PromptDiT(conditioning=conditioning, latent_size=8, image_embed_dim=cfg.projection_dim,
+                    text_embed_dim=cfg.projection_dim, image_token_dim=cfg.vision.hidden_size,
+                    text_token_dim=cfg.text.hidden_size, image_grid=cfg.grid_size, **PROMPT_DIT_PRESETS["baby"])
+    for p in dit.parameters():  # move off the zero init so every input matters
+        p.data.add_(torch.randn_like(p) * 0.05)
+    dit.save_pretrained(root / "dit")
+    schedule = {"prediction_type": "sample", "clip_sample": True, "clip_sample_range": 3.0}
+    make_scheduler(schedule).save_config(root / "dit")
+    learner = PromptLearner.for_foundation(f, "diffprompt", mask_size=16)
+    for p in learner.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    out = root / "diffprompt"
+    learner.save_pretrained(out)
+    write_pipeline_file(out, root / "foundation", root / "vae", root / "dit")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))

@@ -1,12 +1,19 @@
 """Score a grounding checkpoint on a split: R@1 / R@5 / UB per expression kind.
 
     diffprompt evaluate --checkpoint checkpoints/foundation --split val testA testB
+    diffprompt evaluate --checkpoint checkpoints/diffprompt --ddim-steps 5 --split val testA testB
     diffprompt evaluate --checkpoint checkpoints/foundation --json path/to/finetune_refcoco_val.json
     diffprompt evaluate --checkpoint /models/owlv2-base --json ... --criterion giou
+    diffprompt evaluate --artifact artifacts/diffprompt-5steps --split val      # onnxruntime
 
 `--split` names synthetic splits under `--data-dir` (written there first if missing);
 `--json` takes any MDETR-style file. IoU >= 0.5 is the default criterion; `giou` is the
 official MDETR evaluator's. `--out` also writes the tables as JSON.
+
+`--checkpoint` is a foundation directory (config.json + model.safetensors + tokenizer.json)
+or a pipeline directory written by `diffprompt train-prompts` (it has pipeline.json): then
+the prompts, and for Diff-Prompt the DDIM sampler with `--ddim-steps` and noise seeded per
+expression from `--seed`, are used.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 
 from training.data.mdetr import load_mdetr
 from training.evaluation.rec import evaluate_samples
+from training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
 from training.models.grounding import load_grounding_model
 from training.models.tokenizer import TOKENIZER_FILE, QueryTokenizer
 
@@ -33,7 +41,20 @@ def load_foundation(checkpoint: str | Path):
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_foundation(args.checkpoint)
+    if args.artifact:
+        from model_export.evaluation import OnnxPipeline
+        from model_export.providers import ProviderConfig
+
+        model = OnnxPipeline(args.artifact, ProviderConfig(preferred=tuple(args.providers)))
+        tokenizer = model.tokenizer
+        args.ddim_steps = model.steps
+    elif args.checkpoint is None:
+        raise SystemExit("give --checkpoint (PyTorch) or --artifact (onnxruntime)")
+    elif (Path(args.checkpoint) / PIPELINE_FILE).exists():
+        model = DiffPromptPipeline.from_pretrained(args.checkpoint, steps=args.ddim_steps)
+        tokenizer = model.tokenizer
+    else:
+        model, tokenizer = load_foundation(args.checkpoint)
     datasets: list[tuple[str, Path]] = [(Path(j).stem, Path(j)) for j in args.json]
     if args.split:
         from training.data.synthetic.splits import SPLITS
@@ -49,23 +70,30 @@ def main(args: argparse.Namespace) -> int:
     report = {}
     for name, path in datasets:
         samples = list(load_mdetr(path))[: args.limit]
-        acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, progress=args.progress)
+        acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, progress=args.progress,
+                               seed=args.seed)
         print(f"\n{name} ({path}, {len(samples)} expressions, {args.criterion.upper()} >= 0.5)")
         print(acc.format_table())
         report[name] = [row.as_dict() for row in acc.summary()]
     if args.out:
-        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "criterion": args.criterion,
+        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint or args.artifact),
+                                              "criterion": args.criterion,
+                                              "ddim_steps": args.ddim_steps, "seed": args.seed,
                                               "results": report}, indent=2))
     return 0
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--checkpoint", default=None, help="a foundation directory or a train-prompts pipeline directory")
+    p.add_argument("--artifact", default=None, help="an exported artifact directory, run with onnxruntime instead")
+    p.add_argument("--providers", nargs="+", default=["cpu"], help="onnxruntime providers in order (--artifact)")
     p.add_argument("--split", nargs="*", default=[], help="synthetic split names (val, testA, testB, heldout, ...)")
     p.add_argument("--json", nargs="*", default=[], help="MDETR-style json files")
     p.add_argument("--data-dir", default="data/synthetic")
     p.add_argument("--criterion", default="iou", choices=["iou", "giou"])
+    p.add_argument("--ddim-steps", type=int, default=25, help="Diff-Prompt sampling steps")
+    p.add_argument("--seed", type=int, default=0, help="Diff-Prompt noise seed (per expression: seed, sample id)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
     p.add_argument("--out", default=None, help="also write the tables as JSON here")
     p.add_argument("--threads", type=int, default=2)

@@ -69,3 +69,36 @@ def pixels_to_normalized(boxes_xyxy: np.ndarray, width: int, height: int, resize
     xyxy = np.asarray(boxes_xyxy, dtype=np.float32) / input_scale(width, height, resize_mode)
     x0, y0, x1, y1 = np.moveaxis(xyxy, -1, 0)
     return np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+
+
+def mask_to_input_frame(mask: np.ndarray, size: int, resize_mode: str = "pad") -> np.ndarray:
+    """Binary mask (H, W) of the original image -> (size, size) bool in the model's input square.
+
+    The mask goes through the same pad / stretch as its image, then an area (box-filter) resize;
+    a pixel is set when at least half of it is covered.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    if resize_mode == "pad":
+        side = max(w, h)
+        canvas = np.zeros((side, side), dtype=bool)
+        canvas[:h, :w] = mask
+        mask = canvas
+    elif resize_mode != "stretch":
+        raise ValueError(f"resize_mode must be 'pad' or 'stretch', got {resize_mode!r}")
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BOX)
+    return np.asarray(img) >= 128
+
+
+def mask_from_input_frame(prob: np.ndarray, width: int, height: int, resize_mode: str = "pad") -> np.ndarray:
+    """Mask probabilities (s, s) in [0, 1] of the input square -> (height, width) bool of the original image."""
+    img = Image.fromarray(np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0), mode="F")
+    if resize_mode == "pad":
+        side = max(width, height)
+        full = np.asarray(img.resize((side, side), Image.BILINEAR))
+        return full[:height, :width] >= 0.5
+    if resize_mode != "stretch":
+        raise ValueError(f"resize_mode must be 'pad' or 'stretch', got {resize_mode!r}")
+    return np.asarray(img.resize((width, height), Image.BILINEAR)) >= 0.5

@@ -1,0 +1,219 @@
+"""Turn trained checkpoints into deployable artifact directories (ONNX + manifest.json).
+
+    diffprompt export --pipeline checkpoints/diffprompt --steps 25 5 --out artifacts
+    # -> artifacts/diffprompt-25steps/, artifacts/diffprompt-5steps/
+
+Each directory is one deployable model with one fixed DDIM step count: the four graphs of
+model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
+`tokenizer.json`, and `manifest.json` (model/graphs.py and manifest.py say what is in it).
+Every graph is checked with `onnx.checker` and run once in onnxruntime against PyTorch before
+the manifest is written; the directory appears atomically (written to a temporary sibling,
+then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model_export.graphs import (
+    CONDITION_OUTPUTS,
+    ConditionEncoder,
+    Denoiser,
+    Grounding,
+    PromptBuilder,
+    export_onnx,
+)
+from model_export.manifest import FORMAT_VERSION, MANIFEST_FILE, file_entry
+from training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+from training.models.prompt_sampler import kept_outputs
+from training.models.tokenizer import TOKENIZER_FILE
+
+
+def schedule_table(scheduler, steps: int) -> list[dict]:
+    """Rows (timestep, alpha_bar_t, alpha_bar_prev) of a `steps`-step DDIM run, as DDIMScheduler.step uses them."""
+    scheduler.set_timesteps(steps)
+    alphas = scheduler.alphas_cumprod
+    rows = []
+    for t in scheduler.timesteps.tolist():
+        prev = t - scheduler.config.num_train_timesteps // steps
+        rows.append({"timestep": int(t), "alpha_prod_t": float(alphas[t]),
+                     "alpha_prod_prev": float(alphas[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)})
+    return rows
+
+
+def _io(names: list[str], tensors) -> list[dict]:
+    return [{"name": n, "shape": ["batch", *t.shape[1:]], "dtype": str(t.dtype).replace("torch.", "")}
+            for n, t in zip(names, tensors)]
+
+
+def _versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+
+    from diffprompt import __version__
+
+    return {"diffprompt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__}
+
+
+def _check_graph(path: Path, module, example: tuple, input_names: list[str], output_names: list[str]) -> float:
+    """onnx.checker + one onnxruntime run against PyTorch; returns the max abs difference."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(onnx.load(str(path)))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(output_names, {n: t.numpy() for n, t in zip(input_names, example)})
+    with torch.no_grad():
+        want = module(*example)
+    want = want if isinstance(want, tuple) else (want,)
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+
+
+def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
+    """A small real batch for tracing: random pixels, two synthetic expressions."""
+    cfg = pipeline.foundation.config
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids, mask = pipeline.tokenizer(["the small red circle", "the second star from the left"][:batch] * batch)
+    return pixels, torch.from_numpy(ids[:batch]).long(), torch.from_numpy(mask[:batch]).long()
+
+
+def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
+                    tokenizer_file: Path, progress: bool = True) -> Path:
+    """Write one artifact directory; returns its path."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    foundation, learner = pipeline.foundation.eval(), pipeline.learner
+    pixels, ids, mask = example_inputs(pipeline)
+    graphs: dict[str, dict] = {}
+    diffs: dict[str, float] = {}
+    jobs = []
+    diffprompt = learner is not None and learner.needs_masks
+
+    if diffprompt:
+        enc = ConditionEncoder(foundation)
+        with torch.no_grad():
+            cond = enc(pixels, ids, mask)
+        jobs.append(("condition_encoder", enc, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
+                     CONDITION_OUTPUTS))
+        den = Denoiser(pipeline.dit.eval())
+        used = [cond[CONDITION_OUTPUTS.index(n)] for n in den.condition_names]
+        c = pipeline.dit.config
+        latent_shape = (c.latent_channels, c.latent_size, c.latent_size)
+        latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(1))
+        jobs.append(("denoiser", den, (latents, torch.tensor([99, 3]), *used),
+                     ["latents", "timesteps", *den.condition_names], ["model_output"]))
+        builder = PromptBuilder(pipeline.vae.eval(), learner.eval())
+        kept = torch.randn(2, learner.mask_layers, c.latent_channels, c.latent_size, c.latent_size)
+        with torch.no_grad():
+            vp, tp, _ = builder(kept)
+        jobs.append(("prompt_builder", builder, (kept,), ["kept_latents"],
+                     ["vision_prompts", "text_prompts", "mask_logits"]))
+        ground = Grounding(foundation, learner.eval())
+        jobs.append(("grounding", ground, (pixels, ids, mask, vp, tp),
+                     ["pixel_values", "input_ids", "attention_mask", "vision_prompts", "text_prompts"],
+                     ["logits", "boxes"]))
+    else:
+        ground = Grounding(foundation, learner.eval() if learner is not None else None)
+        jobs.append(("grounding", ground, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
+                     ["logits", "boxes"]))
+
+    for gname, module, example, inputs, outputs in tqdm(jobs, desc=f"export {name}", disable=not progress):
+        path = tmp / f"{gname}.onnx"
+        export_onnx(module, example, path, inputs, outputs)
+        diffs[gname] = _check_graph(path, module, example, inputs, outputs)
+        with torch.no_grad():
+            result = module(*example)
+        result = result if isinstance(result, tuple) else (result,)
+        graphs[gname] = {"file": path.name, "inputs": _io(inputs, example), "outputs": _io(outputs, result)}
+    shutil.copy(tokenizer_file, tmp / TOKENIZER_FILE)
+
+    cfg = foundation.config
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "method": learner.config.method if learner is not None else "foundation",
+        "dtype": "float32",
+        "image": {"size": cfg.image_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std),
+                  "resize_mode": cfg.resize_mode, "num_patches": cfg.num_patches},
+        "tokenizer": {"file": TOKENIZER_FILE, "max_length": cfg.max_text_length},
+        "ddim_steps": steps if diffprompt else 0,
+        "graphs": graphs,
+        "export_max_abs_diff": diffs,
+    }
+    if diffprompt:
+        sched = pipeline.scheduler
+        manifest.update({
+            "conditioning": pipeline.dit.config.conditioning,
+            "denoiser_conditions": Denoiser(pipeline.dit).condition_names,
+            "latent_shape": [c.latent_channels, c.latent_size, c.latent_size],
+            "mask_size": pipeline.vae.config.sample_size,
+            "prediction_type": sched.config.prediction_type,
+            "clip_sample_range": float(sched.config.clip_sample_range) if sched.config.clip_sample else None,
+            "schedule": schedule_table(sched, steps),
+            "kept_outputs": kept_outputs(sched, steps, learner.mask_layers),
+            "prompt_depth": {"vision": learner.vision_depth, "text": learner.text_depth},
+            "prompt_length": learner.config.length,
+        })
+    manifest["files"] = {p.name: file_entry(p) for p in sorted(tmp.iterdir())}
+    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:12]
+    manifest["model_version"] = f"{name}-{digest}"
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    src = Path(args.pipeline)
+    if (src / PIPELINE_FILE).exists():
+        pipeline = DiffPromptPipeline.from_pretrained(src)
+        spec = json.loads((src / PIPELINE_FILE).read_text())
+        tokenizer_file = (src / spec["foundation"]).resolve() / TOKENIZER_FILE
+    elif (src / TOKENIZER_FILE).exists():  # a bare foundation
+        pipeline = DiffPromptPipeline.foundation_only(src)
+        tokenizer_file = src / TOKENIZER_FILE
+    else:
+        raise SystemExit(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation (tokenizer.json)")
+    name = args.name or src.name
+    out_root = Path(args.out)
+    diffprompt = pipeline.learner is not None and pipeline.learner.needs_masks
+    for steps in (args.steps if diffprompt else [None]):
+        out = out_root / (f"{name}-{steps}steps" if steps else name)
+        export_pipeline(pipeline, out, steps, name, tokenizer_file, progress=args.progress)
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        worst = max(manifest["export_max_abs_diff"].values())
+        print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "
+              f"max |onnxruntime - torch| {worst:.2e})")
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipeline", default="checkpoints/diffprompt",
+                   help="a train-prompts pipeline directory, or a foundation directory")
+    p.add_argument("--steps", type=int, nargs="+", default=[25, 5], help="one artifact per DDIM step count")
+    p.add_argument("--out", default="artifacts")
+    p.add_argument("--name", default=None, help="artifact name (default: the pipeline directory's name)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(build_parser().parse_args()))

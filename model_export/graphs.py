@@ -1,0 +1,96 @@
+"""The four exported graphs, as torch modules with plain tensor inputs and outputs.
+
+    condition_encoder  pixel_values (B,3,S,S), input_ids (B,T) int64, attention_mask (B,T) int64
+                       -> image_embed (B,E), text_embed (B,E), image_tokens (B,1+P,Dv),
+                          text_tokens (B,T,Dt), text_mask (B,T), patch_scores (B,P)
+    denoiser           latents (B,C,h,w), timesteps (B,) int64, + the conditions the DiT uses
+                       -> model_output (B,C,h,w)            (one DDIM step's network call)
+    prompt_builder     kept_latents (B,n,C,h,w)
+                       -> vision_prompts (B,dv,L,Dv), text_prompts (B,dt,L,Dt), mask_logits (B,n,1,m,m)
+    grounding          pixel_values, input_ids, attention_mask [, vision_prompts, text_prompts]
+                       -> logits (B,P), boxes (B,P,4) cxcywh in [0, 1] of the input square
+
+The DDIM loop between denoiser calls runs in numpy (model_export/ddim.py) from the schedule
+table in the manifest, so one denoiser graph serves every step count; the artifact still
+records and enforces its one step count.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from training.models.diffprompt import foundation_conditions
+from training.models.grounding import GroundingModel
+from training.models.mask_vae import decode_latents
+from training.models.prompt_dit import PromptDiT
+from training.models.prompt_learners import PromptLearner, prompted_forward
+
+CONDITION_OUTPUTS = ["image_embed", "text_embed", "image_tokens", "text_tokens", "text_mask", "patch_scores"]
+POOLED_CONDITIONS = ["image_embed", "text_embed"]
+
+
+class ConditionEncoder(nn.Module):
+    def __init__(self, foundation: GroundingModel):
+        super().__init__()
+        self.foundation = foundation
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=True)
+        return tuple(cond[k] for k in CONDITION_OUTPUTS)
+
+
+class Denoiser(nn.Module):
+    def __init__(self, dit: PromptDiT):
+        super().__init__()
+        self.dit = dit
+        self.condition_names = CONDITION_OUTPUTS if dit.config.conditioning == "tokens" else POOLED_CONDITIONS
+
+    def forward(self, latents, timesteps, *conditions):
+        return self.dit(latents, timesteps, **dict(zip(self.condition_names, conditions)))
+
+
+class PromptBuilder(nn.Module):
+    def __init__(self, vae, learner: PromptLearner):
+        super().__init__()
+        self.vae, self.learner = vae, learner
+
+    def forward(self, kept_latents):
+        B, n = kept_latents.shape[:2]
+        logits = decode_latents(self.vae, kept_latents.flatten(0, 1))  # (B*n, 1, m, m)
+        masks = logits.view(B, n, *logits.shape[1:])
+        vision, text = self.learner.prompts(B, masks)
+        return vision, text, masks
+
+
+class Grounding(nn.Module):
+    """The prompted foundation. With Diff-Prompt the prompts are inputs; other learners are baked in."""
+
+    def __init__(self, foundation: GroundingModel, learner: PromptLearner | None):
+        super().__init__()
+        self.foundation, self.learner = foundation, learner
+        self.takes_prompts = learner is not None and learner.needs_masks
+
+    def forward(self, pixel_values, input_ids, attention_mask, vision_prompts=None, text_prompts=None):
+        if self.takes_prompts:
+            image = self.foundation.encode_image(pixel_values, vision_prompts)
+            query = self.foundation.encode_text(input_ids, attention_mask, text_prompts).query_embeds[:, None, :]
+            out = self.foundation.predict(image, query)
+        else:
+            out = prompted_forward(self.foundation, self.learner, pixel_values, input_ids, attention_mask)
+        return out.logits[..., 0], out.pred_boxes  # (B, P), (B, P, 4)
+
+
+def export_onnx(module: nn.Module, args: tuple, path, input_names: list[str], output_names: list[str],
+                opset: int = 17) -> None:
+    """TorchScript-based export with a dynamic batch axis on every input and output."""
+    dynamic = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    module.eval()
+    # The tracer warns about Python branches on shapes; here they depend only on fixed sizes
+    # (prompt depth/length, grid), never on the batch, which the parity tests vary.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)

@@ -1,0 +1,170 @@
+"""Export -> manifest -> onnxruntime runtime: parity with PyTorch, validation, fixed step count, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_export.export import build_parser, main
+from model_export.manifest import MANIFEST_FILE, ArtifactError, validate_artifact
+from model_export.providers import ProviderConfig
+from model_export.runtime import GroundingRuntime
+from training.models.diffprompt import DiffPromptPipeline
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = ProviderConfig(preferred=("cpu",))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts")
+    assert main(build_parser().parse_args(["--pipeline", str(tiny_pipeline_dir), "--steps", "5", "3", "--out",
+                                           str(out), "--name", "tiny", "--threads", "1", "--no-progress"])) == 0
+    return out
+
+
+def _batch(pipeline: DiffPromptPipeline, n: int = 4):
+    ids, mask = pipeline.tokenizer(["the red circle", "the second star from the left", "the small blue square",
+                                    "the square left of the blue circle"][:n])
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 3, 128, 128, generator=g), ids.astype(np.int64), mask.astype(np.int64)
+
+
+def test_artifact_layout_and_manifest(artifacts):
+    for steps in (5, 3):
+        d = artifacts / f"tiny-{steps}steps"
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        assert manifest["ddim_steps"] == steps and len(manifest["schedule"]) == steps
+        assert set(manifest["graphs"]) == {"condition_encoder", "denoiser", "prompt_builder", "grounding"}
+        assert set(manifest["files"]) == {f"{g}.onnx" for g in manifest["graphs"]} | {"tokenizer.json"}
+        for graph in manifest["graphs"].values():
+            assert all(i["shape"][0] == "batch" for i in graph["inputs"] + graph["outputs"])
+        assert manifest["prompt_depth"] == {"vision": 1, "text": 1} and manifest["prompt_length"] == 8
+        assert max(manifest["export_max_abs_diff"].values()) < 1e-3
+        assert {"torch", "onnx", "onnxruntime", "diffusers", "diffprompt"} <= set(manifest["versions"])
+    assert not list(artifacts.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("steps", [5, 3])
+def test_onnxruntime_matches_pytorch(artifacts, tiny_pipeline_dir, steps):
+    runtime = GroundingRuntime.load(artifacts / f"tiny-{steps}steps", CPU)
+    pipeline = DiffPromptPipeline.from_pretrained(tiny_pipeline_dir, steps=steps)
+    pixels, ids, mask = _batch(pipeline)
+    seeds = [5, 6, 7, 8]
+    got = runtime.ground(pixels.numpy(), ids, mask, seeds)
+    out, masks = pipeline(pixels, torch.from_numpy(ids), torch.from_numpy(mask), seeds)
+    scores = torch.sigmoid(out.logits[..., 0]).numpy()
+    np.testing.assert_array_equal(np.argsort(-got.scores, axis=1)[:, :5], np.argsort(-scores, axis=1)[:, :5])
+    np.testing.assert_allclose(got.boxes, out.pred_boxes.numpy(), rtol=1e-3, atol=1e-5)
+    agree = ((got.mask_logits > 0) == (masks[:, 0, 0].numpy() > 0)).mean()
+    assert agree >= 0.995
+    assert set(got.seconds) == {"condition", "sampler", "prompt_builder", "grounding"}
+
+
+def test_runtime_batch_equals_one_by_one_and_seed_matters(artifacts):
+    runtime = GroundingRuntime.load(artifacts / "tiny-3steps", CPU)
+    pipeline_tok = runtime.tokenizer
+    ids, mask = pipeline_tok(["the red circle", "the small blue square"])
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
+    full = runtime.ground(pixels, ids, mask, [1, 2])
+    for i in range(2):
+        one = runtime.ground(pixels[i: i + 1], ids[i: i + 1], mask[i: i + 1], [1 + i])
+        np.testing.assert_allclose(one.scores[0], full.scores[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(one.mask_logits[0], full.mask_logits[i], rtol=1e-4, atol=1e-5)
+    again = runtime.ground(pixels, ids, mask, [1, 2])
+    np.testing.assert_array_equal(again.scores, full.scores)
+    other = runtime.ground(pixels, ids, mask, [9, 2])
+    assert not np.array_equal(other.mask_logits[0], full.mask_logits[0])
+
+
+def test_an_artifact_refuses_another_step_count(artifacts):
+    with pytest.raises(ArtifactError, match="exported for 5 DDIM steps, not 25"):
+        GroundingRuntime.load(artifacts / "tiny-5steps", CPU, steps=25, warmup=False)
+    GroundingRuntime.load(artifacts / "tiny-5steps", CPU, steps=5, warmup=False)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "altered", "no-manifest", "bad-json"])
+def test_damaged_artifacts_give_a_clear_error_naming_the_file(artifacts, tmp_path, damage):
+    d = tmp_path / "a"
+    shutil.copytree(artifacts / "tiny-3steps", d)
+    target = d / "denoiser.onnx"
+    if damage == "missing":
+        target.unlink()
+        match = "denoiser.onnx: missing"
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[:100])
+        match = "denoiser.onnx: 100 bytes"
+    elif damage == "altered":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+        match = "denoiser.onnx: sha256 differs"
+    elif damage == "no-manifest":
+        (d / MANIFEST_FILE).unlink()
+        match = "manifest.json: missing"
+    else:
+        (d / MANIFEST_FILE).write_text("{not json")
+        match = "not valid JSON"
+    with pytest.raises(ArtifactError, match=match):
+        GroundingRuntime.load(d, CPU)
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        validate_artifact(tmp_path / "nowhere")
+
+
+def test_foundation_only_artifact(tiny_pipeline_dir, tmp_path):
+    foundation = (tiny_pipeline_dir / ".." / "foundation").resolve()
+    assert main(build_parser().parse_args(["--pipeline", str(foundation), "--out", str(tmp_path), "--name", "f",
+                                           "--threads", "1", "--no-progress"])) == 0
+    runtime = GroundingRuntime.load(tmp_path / "f", CPU)
+    assert set(runtime.manifest["graphs"]) == {"grounding"} and runtime.manifest["ddim_steps"] == 0
+    ids, mask = runtime.tokenizer(["star"])
+    res = runtime.ground(np.zeros((1, 3, 128, 128), np.float32), ids, mask, [0])
+    assert res.scores.shape == (1, 64) and res.mask_logits is None
+
+
+def test_the_runtime_path_never_imports_torch(artifacts):
+    code = (
+        "import sys, numpy as np\n"
+        "from model_export.runtime import GroundingRuntime\n"
+        "from model_export.providers import ProviderConfig\n"
+        f"rt = GroundingRuntime.load({str(artifacts / 'tiny-3steps')!r}, ProviderConfig(preferred=('cpu',)))\n"
+        "ids, mask = rt.tokenizer(['the red circle'])\n"
+        "rt.ground(np.zeros((1, 3, 128, 128), np.float32), ids, mask, [0])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('NO TORCH')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "NO TORCH" in proc.stdout
+
+
+def test_evaluate_command_scores_an_artifact_like_pytorch(artifacts, tiny_pipeline_dir, small_world, tmp_path):
+    from training import evaluate
+
+    results = {}
+    for flag, value in [("--artifact", artifacts / "tiny-5steps"), ("--checkpoint", tiny_pipeline_dir)]:
+        out = tmp_path / f"{flag.strip('-')}.json"
+        args = evaluate.build_parser().parse_args(
+            [flag, str(value), "--split", "val", "testB", "--data-dir", str(small_world), "--ddim-steps", "5",
+             "--out", str(out), "--no-progress", "--threads", "1"])
+        assert evaluate.main(args) == 0
+        results[flag] = json.loads(out.read_text())
+    assert results["--artifact"]["ddim_steps"] == 5
+    for split in ("val", "testB"):
+        a = results["--artifact"]["results"][split][-1]
+        b = results["--checkpoint"]["results"][split][-1]
+        assert a["n"] == b["n"] > 0
+        for k in ("R@1", "R@5", "UB"):
+            assert abs(a[k] - b[k]) <= 0.002, (split, k, a[k], b[k])

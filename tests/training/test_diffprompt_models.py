@@ -1,0 +1,312 @@
+"""Stage 1-3 models: Mask-VAE helpers, the DiT, the DDIM prompt sampler, prompt learners, the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from training.models.diffprompt import DiffPromptPipeline, foundation_conditions
+from training.models.grounding import GROUNDING_PRESETS, GroundingModel
+from training.models.mask_vae import build_mask_vae, decode_latents, encode_masks, load_mask_vae, mask_iou
+from training.models.preprocess import mask_from_input_frame, mask_to_input_frame
+from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
+from training.models.prompt_learners import METHODS, PromptLearner, prompted_forward
+from training.models.prompt_sampler import (
+    initial_noise,
+    kept_outputs,
+    make_scheduler,
+    output_noise_levels,
+    sample_prompt_latents,
+)
+
+# ----------------------------------------------------------------------------- masks and VAE
+
+
+@pytest.mark.parametrize("mode", ["pad", "stretch"])
+def test_mask_frame_round_trip(mode):
+    mask = np.zeros((60, 100), dtype=bool)
+    mask[10:40, 20:70] = True
+    small = mask_to_input_frame(mask, 32, mode)
+    assert small.shape == (32, 32) and small.dtype == bool
+    back = mask_from_input_frame(small.astype(np.float32), 100, 60, mode)
+    assert back.shape == (60, 100)
+    inter, union = (back & mask).sum(), (back | mask).sum()
+    assert inter / union > 0.85
+    if mode == "pad":  # the padded bottom of the square stays empty
+        assert not small[20:].any()
+
+
+def test_mask_iou_cases():
+    a = torch.zeros(3, 4, 4, dtype=torch.bool)
+    b = a.clone()
+    a[0, :2] = True
+    b[0, :1] = True  # half of a
+    a[1, 0, 0] = True  # disjoint from b[1]
+    b[1, 3, 3] = True
+    # sample 2: both empty -> 1
+    assert mask_iou(a, b).tolist() == pytest.approx([0.5, 0.0, 1.0])
+
+
+def test_mask_vae_shapes_and_save_load(tmp_path):
+    vae = build_mask_vae("baby").eval()
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 4:10, 4:10] = True
+    z = encode_masks(vae, masks)
+    assert z.shape == (2, 4, 8, 8)
+    logits = decode_latents(vae, z)
+    assert logits.shape == (2, 1, 16, 16)
+    vae.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists() and any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
+    again = load_mask_vae(tmp_path)
+    torch.testing.assert_close(decode_latents(again, z), logits)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_kept_outputs_follow_the_paper_at_25_steps():
+    sched = make_scheduler()
+    # every 2nd output counting back from the final x0; the shallowest layer gets x0
+    assert kept_outputs(sched, 25, 9) == [24, 22, 20, 18, 16, 14, 12, 10, 8]
+
+
+@pytest.mark.parametrize("steps", [1, 5, 10, 50])
+def test_kept_outputs_at_other_step_counts_are_valid_and_clean_first(steps):
+    sched = make_scheduler()
+    keep = kept_outputs(sched, steps, 9)
+    assert all(0 <= k < steps for k in keep)
+    assert keep[0] == steps - 1  # the final x0 always goes to the first layer
+    levels = output_noise_levels(sched, steps)[keep]
+    assert np.all(np.diff(levels) >= 0)  # deeper layers never get a cleaner latent
+
+
+def test_kept_outputs_rejects_nonsense():
+    with pytest.raises(ValueError, match="steps"):
+        kept_outputs(make_scheduler(), 0, 3)
+
+
+def test_initial_noise_is_per_seed():
+    a = initial_noise([1, 2], (4, 2, 2))
+    b = initial_noise([2], (4, 2, 2))
+    assert a.dtype == np.float32 and a.shape == (2, 4, 2, 2)
+    np.testing.assert_array_equal(a[1], b[0])  # independent of the batch it is drawn in
+    assert not np.array_equal(a[0], a[1])
+
+
+class _OracleDiT(torch.nn.Module):
+    """Predicts the exact noise of a known x0: DDIM must then land on x0 for any step count."""
+
+    def __init__(self, x0, sched):
+        super().__init__()
+        self.x0, self.sched = x0, sched
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = argparse.Namespace(latent_channels=x0.shape[1], latent_size=x0.shape[-1])
+
+    def forward(self, x, t, **_):
+        a = self.sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("steps", [25, 5])
+def test_ddim_with_an_oracle_denoiser_returns_x0(steps):
+    sched = make_scheduler()
+    x0 = torch.randn(3, 4, 8, 8)
+    kept = sample_prompt_latents(_OracleDiT(x0, sched), sched, {}, [0, 1, 2], steps, depth=3)
+    assert kept.shape == (3, 3, 4, 8, 8)
+    torch.testing.assert_close(kept[:, 0], x0, atol=1e-4, rtol=1e-4)
+    assert (kept[:, 2] - x0).abs().mean() > (kept[:, 0] - x0).abs().mean()  # deeper = noisier
+
+
+# ----------------------------------------------------------------------------- DiT
+
+
+def _dit(conditioning: str) -> PromptDiT:
+    torch.manual_seed(0)
+    dit = PromptDiT(conditioning=conditioning, latent_size=8, image_embed_dim=32, text_embed_dim=32,
+                    image_token_dim=32, text_token_dim=32, image_grid=8, **PROMPT_DIT_PRESETS["baby"])
+    for p in dit.parameters():  # leave the zero-init so outputs depend on inputs
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return dit.eval()
+
+
+def _cond(B: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, 16)
+    mask[:, 10:] = 0
+    return {"image_embed": torch.randn(B, 32, generator=g), "text_embed": torch.randn(B, 32, generator=g),
+            "image_tokens": torch.randn(B, 65, 32, generator=g), "text_tokens": torch.randn(B, 16, 32, generator=g),
+            "text_mask": mask, "patch_scores": torch.randn(B, 64, generator=g)}
+
+
+def test_dit_starts_as_zero_predictor():
+    dit = PromptDiT(conditioning="tokens", image_embed_dim=32, text_embed_dim=32, image_token_dim=32,
+                    text_token_dim=32, **PROMPT_DIT_PRESETS["baby"])
+    out = dit(torch.randn(2, 4, 8, 8), torch.tensor([3, 50]), **_cond(2))
+    assert out.shape == (2, 4, 8, 8) and out.abs().max() == 0  # adaLN-Zero + zero output layer
+
+
+@pytest.mark.parametrize("conditioning", ["pooled", "tokens"])
+def test_dit_batch_equals_single(conditioning):
+    dit = _dit(conditioning)
+    x, t, cond = torch.randn(3, 4, 8, 8), torch.tensor([1, 40, 99]), _cond(3)
+    with torch.no_grad():
+        full = dit(x, t, **cond)
+        for i in range(3):
+            one = dit(x[i: i + 1], t[i: i + 1], **{k: v[i: i + 1] for k, v in cond.items()})
+            torch.testing.assert_close(one[0], full[i], atol=1e-5, rtol=1e-5)
+
+
+def test_dit_token_conditioning_ignores_padding_and_needs_tokens():
+    dit = _dit("tokens")
+    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([10]), _cond(1)
+    with torch.no_grad():
+        ref = dit(x, t, **cond)
+        cond["text_tokens"][:, 12] += 5.0  # a padding position
+        torch.testing.assert_close(dit(x, t, **cond), ref)
+        cond["text_tokens"][:, 2] += 5.0  # a real token
+        assert not torch.allclose(dit(x, t, **cond), ref)
+        ref = dit(x, t, **cond)
+        cond["patch_scores"][:, 5] += 3.0  # the foundation's score map is an input too
+        assert not torch.allclose(dit(x, t, **cond), ref)
+        with pytest.raises(ValueError, match="image_tokens"):
+            dit(x, t, image_embed=cond["image_embed"], text_embed=cond["text_embed"])
+
+
+def test_dit_rejects_unknown_conditioning():
+    with pytest.raises(ValueError, match="conditioning"):
+        PromptDiT(conditioning="cross")
+
+
+# ----------------------------------------------------------------------------- learners
+
+
+def _foundation() -> GroundingModel:
+    torch.manual_seed(0)
+    return GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=40)).eval()
+
+
+def test_each_method_gives_prompts_of_the_right_shape():
+    f = _foundation()  # 1 image layer, 1 text layer
+    masks = torch.randn(2, 1, 1, 32, 32)
+    expected = {"diffprompt": (True, True), "vpt": (True, False), "coop": (False, True), "maple": (True, True),
+                "clip_adapter": (False, False), "linear_probe": (False, False)}
+    for method in METHODS:
+        learner = PromptLearner.for_foundation(f, method)
+        v, t = learner.prompts(2, masks if learner.needs_masks else None)
+        assert (v is not None, t is not None) == expected[method], method
+        if v is not None:
+            assert v.shape == (2, 1, 8, 32)
+        if t is not None:
+            assert t.shape == (2, 1, 8, 32)
+
+
+def test_prompt_depth_is_capped_by_each_tower():
+    cfg = GROUNDING_PRESETS["embedded"](vocab_size=40)
+    learner = PromptLearner(method="diffprompt", vision_layers=cfg.vision.num_hidden_layers,
+                            text_layers=cfg.text.num_hidden_layers, depth=9)
+    assert (learner.vision_depth, learner.text_depth, learner.mask_layers) == (6, 3, 6)
+    assert PromptLearner(method="vpt", depth=3).vision_depth == 3
+
+
+def test_diffprompt_prompts_stay_with_their_sample():
+    """The official code mixes per-sample prompts across the batch (repeat instead of repeat_interleave)."""
+    learner = PromptLearner.for_foundation(_foundation(), "diffprompt")
+    masks = torch.randn(3, 1, 1, 32, 32)
+    v, t = learner.prompts(3, masks)
+    changed = masks.clone()
+    changed[1] = torch.randn(1, 1, 32, 32)
+    v2, t2 = learner.prompts(3, changed)
+    torch.testing.assert_close(v2[0], v[0])
+    torch.testing.assert_close(v2[2], v[2])
+    torch.testing.assert_close(t2[0], t[0])
+    assert not torch.allclose(v2[1], v[1])
+
+
+def test_diffprompt_needs_masks_and_an_even_length():
+    learner = PromptLearner.for_foundation(_foundation(), "diffprompt")
+    with pytest.raises(ValueError, match="masks"):
+        learner.prompts(2, None)
+    with pytest.raises(ValueError, match="even"):
+        PromptLearner(method="diffprompt", length=7)
+    with pytest.raises(ValueError, match="method"):
+        PromptLearner(method="nope")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_learner_save_load_round_trip(method, tmp_path):
+    f = _foundation()
+    learner = PromptLearner.for_foundation(f, method).eval()
+    for p in learner.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    learner.save_pretrained(tmp_path)
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in tmp_path.iterdir())
+    again = PromptLearner.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
+    pixels, ids = torch.randn(2, 3, 128, 128), torch.tensor([[5, 6, 39, 0], [7, 39, 0, 0]])
+    mask = (ids > 0).long()
+    masks = torch.randn(2, 1, 1, 32, 32) if learner.needs_masks else None
+    with torch.no_grad():
+        a = prompted_forward(f, learner, pixels, ids, mask, masks)
+        b = prompted_forward(f, again, pixels, ids, mask, masks)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.pred_boxes, b.pred_boxes)
+    assert a.logits.shape == (2, f.config.num_patches, 1)
+
+
+def test_linear_probe_starts_equal_to_the_foundation():
+    f = _foundation()
+    learner = PromptLearner.for_foundation(f, "linear_probe")
+    pixels, ids = torch.randn(1, 3, 128, 128), torch.tensor([[5, 39]])
+    with torch.no_grad():
+        a = prompted_forward(f, learner, pixels, ids, torch.ones_like(ids))
+        b = prompted_forward(f, None, pixels, ids, torch.ones_like(ids))
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tiny_pipeline_dir):
+    """A randomly initialised pipeline saved to disk and loaded back."""
+    return DiffPromptPipeline.from_pretrained(tiny_pipeline_dir, steps=5)
+
+
+def _inputs(pipeline, n=3):
+    tok = pipeline.tokenizer
+    ids, mask = tok(["the red circle", "the second star from the left", "the square left of the blue circle"][:n])
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 128, 128, generator=g), torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def test_pipeline_same_seed_same_result(tiny_pipeline):
+    pixels, ids, mask = _inputs(tiny_pipeline)
+    a, ma = tiny_pipeline(pixels, ids, mask, [1, 2, 3])
+    b, mb = tiny_pipeline(pixels, ids, mask, [1, 2, 3])
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes) and torch.equal(ma, mb)
+    c, mc = tiny_pipeline(pixels, ids, mask, [7, 2, 3])
+    assert not torch.equal(mc[0], ma[0])  # another seed, another sample
+    torch.testing.assert_close(mc[1:], ma[1:])
+
+
+def test_pipeline_batch_equals_one_by_one(tiny_pipeline):
+    pixels, ids, mask = _inputs(tiny_pipeline)
+    full, masks = tiny_pipeline(pixels, ids, mask, [11, 12, 13])
+    assert masks.shape == (3, 1, 1, 16, 16)
+    for i in range(3):
+        one, m1 = tiny_pipeline(pixels[i: i + 1], ids[i: i + 1], mask[i: i + 1], [11 + i])
+        torch.testing.assert_close(one.logits[0], full.logits[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(one.pred_boxes[0], full.pred_boxes[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m1[0], masks[i], atol=1e-4, rtol=1e-4)
+
+
+def test_conditions_come_from_the_unprompted_foundation(tiny_pipeline):
+    pixels, ids, mask = _inputs(tiny_pipeline, 2)
+    cond = foundation_conditions(tiny_pipeline.foundation, pixels, ids, mask)
+    image = tiny_pipeline.foundation.encode_image(pixels)
+    torch.testing.assert_close(cond["image_embed"], image.pooled)
+    torch.testing.assert_close(cond["image_tokens"], image.tokens)
+    assert set(foundation_conditions(tiny_pipeline.foundation, pixels, ids, mask, tokens=False)) == {
+        "image_embed", "text_embed"}

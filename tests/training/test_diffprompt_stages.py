@@ -1,0 +1,109 @@
+"""Stages 1-3 run end to end on a tiny world with baby presets, single process and under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import evaluate, train_mask_vae, train_prompt_dit, train_prompts
+from training.models.diffprompt import PIPELINE_FILE, SCHEDULER_FILE, DiffPromptPipeline
+from training.models.grounding import GROUNDING_PRESETS, GroundingModel
+from training.models.tokenizer import QueryTokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def stages(small_world, tmp_path_factory):
+    """Foundation (random baby) -> stage 1 -> stage 2 (tokens) -> stage 3 (Diff-Prompt)."""
+    root = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)
+    tok = QueryTokenizer.synthetic()
+    GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(root / "foundation")
+    tok.save(root / "foundation")
+    common = ["--data-dir", str(small_world), "--run-root", str(root / "runs"), "--threads", "1", "--no-progress"]
+    vae = train_mask_vae.main(train_mask_vae.build_parser().parse_args(
+        ["--preset", "baby", "--epochs", "2", "--batch-size", "8", "--eval-every", "1", "--output",
+         str(root / "vae"), *common]))
+    dit = train_prompt_dit.main(train_prompt_dit.build_parser().parse_args(
+        ["--preset", "baby", "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--eval-steps", "5",
+         "--foundation", str(root / "foundation"), "--mask-vae", str(root / "vae"), "--output", str(root / "dit"),
+         *common]))
+    dp = train_prompts.main(train_prompts.build_parser().parse_args(
+        ["--method", "diffprompt", "--epochs", "2", "--batch-size", "8", "--ddim-steps", "5", "--eval-every", "1",
+         "--foundation", str(root / "foundation"), "--mask-vae", str(root / "vae"), "--prompt-dit",
+         str(root / "dit"), "--output", str(root / "dp"), *common]))
+    return root, {"vae": vae, "dit": dit, "dp": dp}
+
+
+def test_stage1_reports_val_iou_and_saves_safetensors(stages):
+    root, s = stages
+    assert 0.0 <= s["vae"]["val_reconstruction_iou"] <= 1.0
+    cfg = json.loads((root / "vae" / "config.json").read_text())
+    assert cfg["in_channels"] == 1 and cfg["scaling_factor"] > 0
+    assert any(p.suffix == ".safetensors" for p in (root / "vae").iterdir())
+
+
+def test_stage2_saves_ema_weights_with_the_one_schedule(stages):
+    root, s = stages
+    sched = json.loads((root / "dit" / SCHEDULER_FILE).read_text())
+    assert sched["num_train_timesteps"] == 100 and sched["prediction_type"] in ("epsilon", "v_prediction")
+    assert s["dit"]["history"][-1]["step"] == 3 and "val_mask_iou@5" in s["dit"]["history"][-1]
+
+
+def test_stage3_writes_a_loadable_pipeline_with_relative_paths(stages):
+    root, s = stages
+    spec = json.loads((root / "dp" / PIPELINE_FILE).read_text())
+    assert all(not Path(v).is_absolute() for v in spec.values() if v)
+    assert s["dp"]["trainable_parameters"] > 0 and len(s["dp"]["history"]) == 2
+    pipe = DiffPromptPipeline.from_pretrained(root / "dp", steps=5)
+    assert pipe.learner.config.method == "diffprompt" and pipe.dit is not None
+
+
+def test_evaluate_command_accepts_a_pipeline_directory(stages, small_world, tmp_path):
+    root, _ = stages
+    out = tmp_path / "eval.json"
+    args = evaluate.build_parser().parse_args(
+        ["--checkpoint", str(root / "dp"), "--split", "val", "--data-dir", str(small_world), "--ddim-steps", "5",
+         "--out", str(out), "--no-progress", "--threads", "1"])
+    assert evaluate.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["ddim_steps"] == 5 and report["results"]["val"][-1]["group"] == "all"
+
+
+@pytest.mark.parametrize("method", ["vpt", "coop", "maple", "clip_adapter", "linear_probe"])
+def test_each_baseline_trains_and_only_its_parameters_change(method, stages, small_world, tmp_path):
+    root, _ = stages
+    summary = train_prompts.main(train_prompts.build_parser().parse_args(
+        ["--method", method, "--epochs", "1", "--batch-size", "8", "--eval-every", "0", "--foundation",
+         str(root / "foundation"), "--output", str(tmp_path / method), "--data-dir", str(small_world),
+         "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]))
+    assert summary["trainable_parameters"] > 0
+    pipe = DiffPromptPipeline.from_pretrained(tmp_path / method)
+    assert pipe.dit is None and pipe.learner.config.method == method
+    # the foundation file was not touched
+    before = GroundingModel.from_pretrained(root / "foundation").state_dict()
+    for k, v in pipe.foundation.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.slow
+def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path):
+    root, _ = stages
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "training.train_prompts", "--method", "diffprompt", "--epochs", "1", "--batch-size", "4",
+           "--ddim-steps", "5", "--eval-every", "0", "--foundation", str(root / "foundation"), "--mask-vae",
+           str(root / "vae"), "--prompt-dit", str(root / "dit"), "--output", str(tmp_path / "dp"), "--data-dir",
+           str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    DiffPromptPipeline.from_pretrained(tmp_path / "dp", steps=5)
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # rank 0 only

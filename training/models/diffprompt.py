@@ -1,0 +1,132 @@
+"""The Diff-Prompt pipeline in PyTorch: conditions -> DDIM prompt latents -> masks -> prompted grounding.
+
+    conditions   the frozen foundation run once *without* prompts: pooled image / text
+                 embeddings (and, for tokens conditioning, its image and text tokens)
+    sampler      the DiT, DDIM with a chosen step count, seeded noise -> kept latents per layer
+    decode       the Mask-VAE decoder -> mask logits per layer (B, n, 1, m, m)
+    grounding    the foundation with the PromptLearner's prompts -> ranked boxes
+
+A pipeline directory (what `diffprompt train-prompts` writes) holds the learner
+(`config.json`, `model.safetensors`) and `pipeline.json` naming the foundation, the Mask-VAE
+and the DiT directories (relative paths are resolved from the pipeline directory). Baselines
+are pipelines without VAE and DiT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from training.models.grounding import GroundingModel, GroundingOutput, load_grounding_model
+from training.models.mask_vae import decode_latents, load_mask_vae
+from training.models.prompt_dit import PromptDiT
+from training.models.prompt_learners import PromptLearner, prompted_forward
+from training.models.prompt_sampler import make_scheduler, sample_prompt_latents
+from training.models.tokenizer import TOKENIZER_FILE, QueryTokenizer
+
+PIPELINE_FILE = "pipeline.json"
+SCHEDULER_FILE = "scheduler_config.json"
+
+
+@torch.no_grad()
+def foundation_conditions(
+    foundation: GroundingModel, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, tokens: bool = True
+) -> dict[str, torch.Tensor]:
+    """The DiT's conditioning inputs from the unprompted foundation (see prompt_dit)."""
+    image = foundation.encode_image(pixels)
+    text = foundation.encode_text(ids, mask)
+    cond = {"image_embed": image.pooled, "text_embed": text.query_embeds}  # (B, E), (B, E)
+    if tokens:
+        logits = foundation.predict(image, text.query_embeds[:, None, :]).logits[..., 0]  # (B, P)
+        scores = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-6)
+        cond.update(image_tokens=image.tokens, text_tokens=text.tokens, text_mask=mask.float(), patch_scores=scores)
+    return cond
+
+
+def load_dit(directory: str | Path) -> tuple[PromptDiT, object]:
+    """(DiT with its EMA weights, its DDIMScheduler) from a stage-2 checkpoint."""
+    directory = Path(directory)
+    dit = PromptDiT.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+    scheduler_cfg = json.loads((directory / SCHEDULER_FILE).read_text())
+    return dit, make_scheduler(scheduler_cfg)
+
+
+@dataclass
+class DiffPromptPipeline:
+    foundation: GroundingModel
+    tokenizer: QueryTokenizer
+    learner: PromptLearner | None  # None = the frozen foundation alone
+    vae: AutoencoderKL | None = None
+    dit: PromptDiT | None = None
+    scheduler: object | None = None
+    steps: int = 25
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, steps: int = 25) -> DiffPromptPipeline:
+        directory = Path(directory)
+        spec = json.loads((directory / PIPELINE_FILE).read_text())
+        resolve = lambda key: (directory / spec[key]).resolve() if spec.get(key) else None
+        foundation_dir = resolve("foundation")
+        foundation = load_grounding_model(foundation_dir).eval()
+        tokenizer = QueryTokenizer.from_file(foundation_dir / TOKENIZER_FILE, foundation.config.max_text_length)
+        learner = PromptLearner.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+        vae = dit = scheduler = None
+        if learner.needs_masks:
+            vae = load_mask_vae(resolve("mask_vae"))
+            dit, scheduler = load_dit(resolve("prompt_dit"))
+        return cls(foundation, tokenizer, learner, vae, dit, scheduler, steps)
+
+    @classmethod
+    def foundation_only(cls, directory: str | Path) -> DiffPromptPipeline:
+        foundation = load_grounding_model(directory).eval()
+        tokenizer = QueryTokenizer.from_file(Path(directory) / TOKENIZER_FILE, foundation.config.max_text_length)
+        return cls(foundation, tokenizer, None)
+
+    @torch.no_grad()
+    def generate_masks(self, pixels, ids, mask, seeds: Sequence[int]) -> torch.Tensor:
+        """Decoded mask logits (B, n, 1, m, m) for the learner's n prompted layers."""
+        cond = foundation_conditions(self.foundation, pixels, ids, mask, self.dit.config.conditioning == "tokens")
+        n = self.learner.mask_layers
+        latents = sample_prompt_latents(self.dit, self.scheduler, cond, seeds, self.steps, n)  # (B, n, C, h, w)
+        B = latents.shape[0]
+        logits = decode_latents(self.vae, latents.flatten(0, 1))  # (B*n, 1, m, m)
+        return logits.view(B, n, *logits.shape[1:])
+
+    @property
+    def image_spec(self):
+        from training.data.grounding_dataset import ImageSpec
+
+        return ImageSpec.from_config(self.foundation.config)
+
+    @torch.no_grad()
+    def score(self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, seeds: Sequence[int]):
+        """numpy in, numpy out: (scores (B, P) in [0, 1], boxes (B, P, 4) cxcywh) - the evaluation interface."""
+        device = next(self.foundation.parameters()).device
+        out, _ = self(torch.from_numpy(pixels).to(device), torch.from_numpy(ids).to(device),
+                      torch.from_numpy(mask).to(device), seeds)
+        return torch.sigmoid(out.logits[..., 0].float()).cpu().numpy(), out.pred_boxes.float().cpu().numpy()
+
+    @torch.no_grad()
+    def __call__(self, pixels, ids, mask, seeds: Sequence[int]) -> tuple[GroundingOutput, torch.Tensor | None]:
+        """(grounding output, decoded masks or None) for one expression per image."""
+        masks = None
+        if self.learner is not None and self.learner.needs_masks:
+            masks = self.generate_masks(pixels, ids, mask, seeds)
+        return prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks), masks
+
+
+def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None, prompt_dit: Path | None,
+                        relative_to: Path | None = None) -> None:
+    """pipeline.json in `directory`, with paths relative to `relative_to` (default: `directory`), the
+    pipeline's final place, so the checkpoint tree can move as a whole."""
+    base = Path(relative_to or directory).resolve()
+    rel = lambda p: os.path.relpath(Path(p).resolve(), base) if p else None
+    spec = {"foundation": rel(foundation), "mask_vae": rel(mask_vae), "prompt_dit": rel(prompt_dit)}
+    (directory / PIPELINE_FILE).write_text(json.dumps(spec, indent=2))

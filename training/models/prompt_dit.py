@@ -1,0 +1,259 @@
+"""Stage 2 model: the prompt generator, a Diffusion Transformer over Mask-VAE latents.
+
+Follows facebookresearch/DiT `models.py` (patchify -> adaLN-Zero blocks -> final layer ->
+unpatchify). Two ways to condition on the frozen foundation's *unprompted* outputs:
+
+- ``conditioning="pooled"`` (the paper, faithful): adaLN-Zero on
+  concat(image embedding + t_emb, text embedding + t_emb), the CLIP-style pooled embeddings.
+- ``conditioning="tokens"`` (ours, improved): the same adaLN-Zero conditioning, plus a
+  cross-attention in every block from the latent tokens to the foundation's patch tokens and
+  text tokens, so the generator can see *where* things are, not only a summary of the image.
+  The foundation's own score of the expression on each patch (its class head on those tokens,
+  standardised per image) is one more input channel of the latent grid and one more feature
+  of each patch token: a spatial prior of "things the expression mentions" that the DiT then
+  has to narrow down to the one referred object.
+
+The model predicts the noise epsilon (DDPM / DDIM "epsilon" parameterisation). Inputs:
+
+    latents       (B, C, h, w)     noisy scaled Mask-VAE latents
+    timesteps     (B,)             integer diffusion steps in [0, T)
+    image_embed   (B, Ei)          pooled image embedding
+    text_embed    (B, Et)          pooled text (query) embedding
+    image_tokens  (B, 1+P, Dv)     image tower's last hidden state (tokens mode only)
+    text_tokens   (B, T, Dt)       text tower's last hidden state (tokens mode only)
+    text_mask     (B, T)           1 = token, 0 = padding (tokens mode only)
+    patch_scores  (B, P)           foundation score of the expression per patch (tokens mode only)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+PROMPT_DIT_PRESETS = {
+    "baby": dict(hidden_size=32, depth=1, num_heads=2),  # tests
+    "embedded": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2),
+    "official": dict(hidden_size=512, depth=12, num_heads=8, patch_size=2),  # the paper's DiT
+}
+
+
+def frame_sincos(grid: int, dim: int, span: float = 16.0) -> torch.Tensor:
+    """(grid*grid, dim) 2-D sin-cos table of cell centres in one frame-wide scale, so grids of
+    different sides (latent tokens, foundation patches) give the same code at the same place."""
+    coords = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * span  # (grid,)
+    quarter = dim // 4
+    omega = 1.0 / 100 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # (dim/4,)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for c in (xs.reshape(-1), ys.reshape(-1)):
+        parts += [torch.sin(c[:, None] * omega), torch.cos(c[:, None] * omega)]
+    return F.pad(torch.cat(parts, dim=1), (0, dim - 4 * quarter))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+# ----------------------------------------------------------------------------- embedders
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (B, D) through a sinusoidal table and an MLP (DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; `context` None = self-attention. key_bias (B, 1, 1, S) additive."""
+
+    def __init__(self, hidden_size: int, num_heads: int, context_size: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(context_size or hidden_size, 2 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_bias: torch.Tensor | None = None):
+        B, N, D = x.shape
+        ctx = x if context is None else context
+        q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, H, N, D/H)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, D/H)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)  # (B, H, N, D/H)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block; with `cross_attention`, a cross-attention to the condition tokens sits
+    between self-attention and MLP (gated by adaLN as well, so the block starts as identity)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cond_size: int, cross_attention: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        hidden_mlp = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_mlp), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden_mlp, hidden_size))
+        self.cross_attention = cross_attention
+        n_mod = 9 if cross_attention else 6
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = Attention(hidden_size, num_heads)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, n_mod * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, key_bias=None) -> torch.Tensor:
+        mods = self.adaLN_modulation(c).chunk(9 if self.cross_attention else 6, dim=-1)  # each (B, D)
+        x = x + mods[2][:, None] * self.attn(modulate(self.norm1(x), mods[0], mods[1]))
+        x = x + mods[5][:, None] * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
+        if self.cross_attention:
+            h = modulate(self.norm_cross(x), mods[6], mods[7])
+            x = x + mods[8][:, None] * self.cross_attn(h, context, key_bias)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, cond_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class PromptDiT(ModelMixin, ConfigMixin):
+    """Epsilon-predicting DiT over mask latents. See the module docstring for the inputs."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        latent_size: int = 8,
+        patch_size: int = 1,
+        hidden_size: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        conditioning: str = "tokens",  # "pooled" (paper) | "tokens" (pooled + cross-attention)
+        image_embed_dim: int = 128,
+        text_embed_dim: int = 128,
+        image_token_dim: int = 192,
+        text_token_dim: int = 128,
+        image_grid: int = 8,  # the foundation's patch grid side (tokens mode: position of each patch token)
+    ):
+        super().__init__()
+        if conditioning not in ("pooled", "tokens"):
+            raise ValueError(f"conditioning must be 'pooled' or 'tokens', got {conditioning!r}")
+        D, p = hidden_size, patch_size
+        self.grid = latent_size // p
+        cross = conditioning == "tokens"
+        in_channels = latent_channels + (1 if cross else 0)  # + the patch-score map (tokens mode)
+        self.x_embedder = nn.Linear(in_channels * p * p, D)
+        self.register_buffer("pos_embed", frame_sincos(self.grid, D)[None], persistent=False)  # (1, N, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.image_embedder = nn.Linear(image_embed_dim, D)
+        self.text_embedder = nn.Linear(text_embed_dim, D)
+        cond_size = 2 * D  # concat(image + t, text + t)
+        if cross:
+            self.score_proj = nn.Linear(1, D)
+            self.image_token_proj = nn.Linear(image_token_dim, D)
+            self.text_token_proj = nn.Linear(text_token_dim, D)
+            self.context_type = nn.Parameter(torch.zeros(2, D))  # image / text token type embedding
+            # The tower's last hidden state keeps little explicit position; the same 2-D sin-cos
+            # table as the latent tokens lets a latent token find "its" patches by position.
+            context_pos = torch.cat([torch.zeros(1, D), frame_sincos(image_grid, D)])  # (1+P, D), CLS first
+            self.register_buffer("context_pos", context_pos[None], persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio, cond_size, cross) for _ in range(depth)])
+        self.final_layer = FinalLayer(D, cond_size, p, latent_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():  # transformer layers: Xavier-uniform, zero bias (DiT)
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for mlp in (self.t_embedder.mlp,):  # timestep MLP: normal(0.02)
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        for block in self.blocks:  # zero-out adaLN modulation: every block starts as identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)  # zero-out the output layer
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        p, g = self.config.patch_size, self.grid  # (B, C, g*p, g*p) -> (B, g*g, p*p*C)
+        x = x.view(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # (B, g, g, p, p, C)
+        return x.reshape(B, g * g, p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        p, g, C = self.config.patch_size, self.grid, self.config.latent_channels
+        x = x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
+        return x.reshape(B, C, g * p, g * p)
+
+    def forward(
+        self,
+        latents: torch.Tensor,  # (B, C, h, w)
+        timesteps: torch.Tensor,  # (B,)
+        image_embed: torch.Tensor,  # (B, Ei)
+        text_embed: torch.Tensor,  # (B, Et)
+        image_tokens: torch.Tensor | None = None,  # (B, 1+P, Dv)
+        text_tokens: torch.Tensor | None = None,  # (B, T, Dt)
+        text_mask: torch.Tensor | None = None,  # (B, T)
+        patch_scores: torch.Tensor | None = None,  # (B, P)
+    ) -> torch.Tensor:
+        tokens_mode = self.config.conditioning == "tokens"
+        if tokens_mode and (image_tokens is None or text_tokens is None or patch_scores is None):
+            raise ValueError("tokens conditioning needs image_tokens, text_tokens and patch_scores")
+        x_in = latents
+        if tokens_mode:
+            g = self.config.image_grid
+            score_map = patch_scores.view(-1, 1, g, g).to(latents.dtype)  # (B, 1, g, g)
+            if g != latents.shape[-1]:
+                score_map = F.interpolate(score_map, size=latents.shape[-2:], mode="bilinear", align_corners=False)
+            x_in = torch.cat([latents, score_map], dim=1)  # (B, C+1, h, w)
+        x = self.x_embedder(self.patchify(x_in)) + self.pos_embed  # (B, N, D), N = (h/p)^2
+        t = self.t_embedder(timesteps)  # (B, D)
+        c = torch.cat([self.image_embedder(image_embed) + t, self.text_embedder(text_embed) + t], dim=-1)  # (B, 2D)
+        context = key_bias = None
+        if tokens_mode:
+            scores = torch.cat([torch.zeros_like(patch_scores[:, :1]), patch_scores], dim=1)  # (B, 1+P), CLS 0
+            image_ctx = (self.image_token_proj(image_tokens) + self.score_proj(scores[..., None].to(x.dtype))
+                         + self.context_type[0] + self.context_pos)  # (B, 1+P, D)
+            context = torch.cat([image_ctx,
+                                 self.text_token_proj(text_tokens) + self.context_type[1]], dim=1)  # (B, S, D)
+            if text_mask is None:
+                text_mask = torch.ones(text_tokens.shape[:2], device=x.device)
+            keep = torch.cat([torch.ones(image_tokens.shape[:2], device=x.device), text_mask.float()], dim=1)
+            key_bias = ((1.0 - keep) * -1e4)[:, None, None, :].to(x.dtype)  # (B, 1, 1, S)
+        for block in self.blocks:
+            x = block(x, c, context, key_bias)  # (B, N, D)
+        return self.unpatchify(self.final_layer(x, c))  # (B, C, h, w)
