@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (see README.md):
 #   make test    set up the virtualenv and run the test suite (what CI runs)
+#   make serve   set up, export the served artifact if missing, serve it on 127.0.0.1:8000
 #
 # Other targets: make setup | lint | data | pretrain | evaluate | clean
 
@@ -8,7 +9,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test lint data pretrain evaluate clean
+# `make serve`: the artifact served, and how it is exported when missing (service/README.md).
+PIPELINE     ?= checkpoints/diffprompt
+ARTIFACTS    ?= artifacts
+EXPORT_STEPS ?= 25 5
+SERVE_STEPS  ?= 5
+ARTIFACT     ?= $(ARTIFACTS)/$(notdir $(PIPELINE))-$(SERVE_STEPS)steps
+HOST         ?= 127.0.0.1
+PORT         ?= 8000
+
+.PHONY: setup system-tools test lint data pretrain evaluate serve clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +29,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[train,serve,dev]'
 	touch $@
 
-test: setup
+# Debian tools the tests drive for real (prometheus, promtool, chromium, docker-compose):
+# installed when missing and root, otherwise the tests that need them skip with the reason.
+system-tools:
+	@bash scripts/ensure_system_tools.sh
+
+test: setup system-tools
 	$(PY) -m pytest -q
 
 lint: setup
@@ -33,6 +48,14 @@ pretrain: setup
 
 evaluate: setup
 	$(VENV)/bin/diffprompt evaluate --checkpoint checkpoints/foundation --split heldout val testA testB
+
+# The export step needs torch (the train extra); the server itself never imports it.
+serve: setup $(ARTIFACT)/manifest.json
+	DIFFPROMPT_ARTIFACT_DIR=$(ARTIFACT) $(PY) -m service --host $(HOST) --port $(PORT)
+
+$(ARTIFACT)/manifest.json: | setup
+	@test -d $(PIPELINE) || { echo "$(PIPELINE) is missing: train it first (diffprompt train-prompts), or set PIPELINE=..." >&2; exit 1; }
+	$(VENV)/bin/diffprompt export --pipeline $(PIPELINE) --steps $(EXPORT_STEPS) --out $(ARTIFACTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -2,6 +2,7 @@
 
     diffprompt export --pipeline checkpoints/diffprompt --steps 25 5 --out artifacts
     # -> artifacts/diffprompt-25steps/, artifacts/diffprompt-5steps/
+    diffprompt export ... --triton triton_repo   # + triton_repo/diffprompt-25steps/ (Triton model repository)
 
 Each directory is one deployable model with one fixed DDIM step count: the four graphs of
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
@@ -200,6 +201,12 @@ def main(args: argparse.Namespace) -> int:
         worst = max(manifest["export_max_abs_diff"].values())
         print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "
               f"max |onnxruntime - torch| {worst:.2e})")
+        if args.triton:
+            from model_export.triton import write_triton_repository
+
+            repo = write_triton_repository(out, Path(args.triton) / out.name, overwrite=True,
+                                           instance_kind="KIND_CPU" if args.triton_cpu else "KIND_GPU")
+            print(f"wrote Triton model repository {repo}")
     return 0
 
 
@@ -210,6 +217,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--steps", type=int, nargs="+", default=[25, 5], help="one artifact per DDIM step count")
     p.add_argument("--out", default="artifacts")
     p.add_argument("--name", default=None, help="artifact name (default: the pipeline directory's name)")
+    p.add_argument("--triton", default=None, metavar="REPO",
+                   help="also write a Triton model repository per artifact under REPO (deploy/triton/README.md)")
+    p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p

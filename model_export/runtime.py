@@ -43,7 +43,8 @@ class GroundingResult:
 
 
 class GroundingRuntime:
-    def __init__(self, directory: Path, manifest: dict, sessions: dict, providers: list):
+    def __init__(self, directory: Path, manifest: dict, sessions: dict, providers: dict[str, list]):
+        # providers: graph name -> the (provider, options) list its session was created with
         self.directory, self.manifest, self.sessions, self.providers = directory, manifest, sessions, providers
         tok = manifest["tokenizer"]
         self.tokenizer = QueryTokenizer.from_file(directory / tok["file"], tok["max_length"])
@@ -68,13 +69,13 @@ class GroundingRuntime:
         manifest = validate_artifact(directory, check_hashes)
         check_steps(manifest, steps)
         config = config or ProviderConfig()
-        sessions, providers = {}, []
+        sessions, providers = {}, {}
         for name, graph in manifest["graphs"].items():
             shapes = {i["name"]: tuple(i["shape"]) for i in graph["inputs"]}
-            providers = select_providers(config, shapes)
+            providers[name] = select_providers(config, shapes)
             try:
                 sessions[name] = ort.InferenceSession(str(directory / graph["file"]), session_options(config),
-                                                      providers=providers)
+                                                      providers=providers[name])
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"{directory / graph['file']}: onnxruntime cannot load it ({e})") from e
         runtime = cls(directory, manifest, sessions, providers)
@@ -84,11 +85,17 @@ class GroundingRuntime:
 
     @property
     def provider(self) -> str:
-        """The execution provider actually used by the grounding graph."""
+        """The execution provider actually used by the grounding graph (the first that loaded)."""
         return self.sessions["grounding"].get_providers()[0]
 
+    @property
+    def providers_in_use(self) -> dict[str, str]:
+        """graph name -> the provider its session actually runs on (a GPU provider may have fallen back)."""
+        return {name: sess.get_providers()[0] for name, sess in self.sessions.items()}
+
     def describe(self) -> str:
-        return describe(self.providers)
+        """The requested provider chain of the grounding graph, e.g. 'TensorrtExecutionProvider(fp16) > ...'."""
+        return describe(self.providers["grounding"])
 
     def warmup(self, batch_sizes=(1,)) -> None:
         """Run each batch size once (onnxruntime allocates and, with TensorRT, builds engines here)."""

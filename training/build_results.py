@@ -346,7 +346,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--from-scratch", action="store_true", help="train the Mask-VAE and both DiTs into --work-dir first")
     p.add_argument("--data-dir", default="data/synthetic")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=3, help="stage-3 epochs, the same for every method")
+    p.add_argument("--epochs", type=int, default=1, help="stage-3 epochs, the same for every method")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6, 9], help="depth ablation (seed 0)")
     p.add_argument("--ablation-steps", type=int, nargs="+", default=[5, 10, 25], help="DDIM steps ablation")
     p.add_argument("--only", nargs="*", default=[], help="run only jobs whose name starts with one of these")

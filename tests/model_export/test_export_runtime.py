@@ -168,3 +168,13 @@ def test_evaluate_command_scores_an_artifact_like_pytorch(artifacts, tiny_pipeli
         assert a["n"] == b["n"] > 0
         for k in ("R@1", "R@5", "UB"):
             assert abs(a[k] - b[k]) <= 0.002, (split, k, a[k], b[k])
+
+
+def test_export_can_also_write_a_triton_repository(tiny_pipeline_dir, tmp_path):
+    assert main(build_parser().parse_args(["--pipeline", str(tiny_pipeline_dir), "--steps", "3", "--out",
+                                           str(tmp_path / "a"), "--name", "t", "--triton", str(tmp_path / "repo"),
+                                           "--triton-cpu", "--threads", "1", "--no-progress"])) == 0
+    repo = tmp_path / "repo" / "t-3steps"
+    assert {p.name for p in repo.iterdir() if p.is_dir()} == {
+        "condition_encoder", "denoiser", "prompt_builder", "grounding", "diffprompt"}
+    assert 'kind: KIND_CPU' in (repo / "grounding" / "config.pbtxt").read_text()

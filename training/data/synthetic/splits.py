@@ -39,7 +39,7 @@ class SplitSpec:
 
 SPLITS: dict[str, SplitSpec] = {
     "pretrain": SplitSpec("pretrain", 1_000, 12_000, ("category",)),
-    "train": SplitSpec("train", 2_000, 2_000, REC_KINDS, per_image=2),
+    "train": SplitSpec("train", 2_000, 4_000, REC_KINDS, per_image=2),
     "val": SplitSpec("val", 3_000, 300, REC_KINDS, per_image=2),
     "testA": SplitSpec("testA", 4_000, 300, ("attribute", "absolute"), per_image=2),
     "testB": SplitSpec("testB", 5_000, 300, ("relation", "ordinal"), per_image=2),

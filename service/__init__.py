@@ -1,0 +1,1 @@
+"""Diff-Prompt grounding service: FastAPI + onnxruntime + Prometheus, never torch (service/README.md)."""

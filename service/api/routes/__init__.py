@@ -1,0 +1,1 @@
+"""Thin APIRouters, one module per concern."""

@@ -1,0 +1,281 @@
+"""The seam between HTTP and inference (like vLLM's EngineClient): `Engine.predict` and `check_health`.
+
+    engine = Engine(settings, metrics)
+    await engine.validate()        # artifact files and hashes; raises ArtifactError (start-up fails)
+    engine.start()                 # load the ONNX sessions + warm up in the background -> READY
+    prediction = await engine.predict(image_bytes, GroundOptions("the red circle", top_k=5))
+    await engine.close()           # finish admitted requests, stop
+
+Per request: decode + preprocess in a thread pool ("decode" stage), one slot in a micro-batch
+(service.batching) whose single `runtime.ground` call runs in the inference thread (condition,
+sampler, prompt_builder, grounding stages), then top-k, pixel boxes and the mask PNG in the
+thread pool ("postprocess"). Routes only see `Engine`; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from model_export.manifest import check_steps, validate_artifact
+from model_export.providers import ProviderConfig
+from model_export.runtime import GroundingRuntime, sigmoid
+from service.batching import MicroBatcher
+from service.errors import EngineFailed, MaskUnavailable, NotReady, RequestTimeout, ShuttingDown
+from service.images import configure_pillow, decode_image
+from service.metrics import Metrics
+from service.settings import Settings
+from training.models.preprocess import boxes_to_pixels, mask_from_input_frame, preprocess_image
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"  # validating, creating sessions, warming up
+    READY = "ready"
+    DRAINING = "draining"  # SIGTERM received: still serving, /readyz answers 503
+    STOPPED = "stopped"
+    FAILED = "failed"  # loading failed or the batch worker died
+
+
+@dataclass(frozen=True)
+class GroundOptions:
+    """What to ground and how much to return (validated by the HTTP layer)."""
+
+    expression: str
+    top_k: int = 5
+    score_threshold: float = 0.0
+    return_mask: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Detection:
+    rank: int  # 1 = best
+    score: float  # in [0, 1]
+    xyxy: tuple[float, float, float, float]  # pixels of the (EXIF-rotated) input image
+
+
+@dataclass(frozen=True)
+class Prediction:
+    width: int
+    height: int
+    detections: list[Detection]
+    mask_png: bytes | None  # 1-bit PNG, width x height, white = the generated mask
+    model_version: str
+    ddim_steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Health:
+    state: EngineState
+    message: str
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not EngineState.FAILED
+
+
+@dataclass(frozen=True)
+class _Item:
+    pixels: np.ndarray  # (3, S, S) float32
+    expression: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Raw:
+    scores: np.ndarray  # (P,)
+    boxes: np.ndarray  # (P, 4) cxcywh in [0, 1] of the input square
+    mask_logits: np.ndarray | None  # (m, m)
+
+
+class Engine:
+    """Owns the onnxruntime `GroundingRuntime`, the micro-batcher and the thread pools."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.state = EngineState.LOADING
+        self.message = "not started"
+        self.manifest: dict[str, Any] = {}
+        self.runtime: GroundingRuntime | None = None
+        self.batcher: MicroBatcher[_Item, _Raw] | None = None
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="diffprompt-infer")
+        self._cpu_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="diffprompt-cpu")
+        self._load_task: asyncio.Task | None = None
+        configure_pillow(settings.max_image_pixels)
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def validate(self) -> None:
+        """Check the artifact's files (and sha256 unless disabled); raises ArtifactError naming the file."""
+        s = self.settings
+        self.message = f"validating {s.artifact_dir}"
+        self.manifest = await asyncio.to_thread(validate_artifact, s.artifact_dir, s.check_hashes)
+        check_steps(self.manifest, None)
+
+    def start(self) -> None:
+        """Load the sessions and warm up in the background; the state becomes READY (or FAILED)."""
+        self._load_task = asyncio.get_running_loop().create_task(self._load(), name="engine-load")
+
+    async def _load(self) -> None:
+        s = self.settings
+        self.message = f"loading {s.artifact_dir} and warming up batch sizes {list(s.warmup_sizes)}"
+        log.info("%s", self.message)
+        start = time.perf_counter()
+        try:
+            self.runtime = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._load_runtime)
+        except Exception as e:  # onnxruntime / provider errors: report on /livez, /readyz and in the log
+            log.exception("loading %s failed", s.artifact_dir)
+            self.state, self.message = EngineState.FAILED, f"loading {s.artifact_dir} failed: {e}"
+            return
+        rt = self.runtime
+        self.metrics.model_info.info({"model_version": str(self.manifest.get("model_version", "unknown")),
+                                      "ddim_steps": str(rt.steps), "provider": rt.provider,
+                                      "providers": rt.describe(), "method": str(self.manifest.get("method", ""))})
+        self.batcher = MicroBatcher(self._run_batch, self._infer_pool, max_batch_size=s.max_batch_size,
+                                    max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
+                                    retry_after_s=s.retry_after_s, metrics=self.metrics)
+        self.batcher.start()
+        served = f"{self.model_version} ({rt.steps} DDIM steps) on {rt.describe()}"
+        if self.state is EngineState.LOADING:  # not if SIGTERM came while loading
+            self.state, self.message = EngineState.READY, served
+        log.info("loaded and warmed up in %.1f s: %s", time.perf_counter() - start, served)
+
+    def _load_runtime(self) -> GroundingRuntime:
+        s = self.settings
+        top = max(s.max_batch_size, *s.warmup_sizes)
+        config = ProviderConfig(preferred=tuple(s.providers), fp16=s.fp16,
+                                engine_cache_dir=str(s.engine_cache_dir) if s.engine_cache_dir else None,
+                                min_batch=1, opt_batch=s.max_batch_size, max_batch=top,
+                                intra_op_threads=s.intra_op_threads)
+        runtime = GroundingRuntime.load(s.artifact_dir, config, check_hashes=False, warmup=False)  # hashed above
+        runtime.warmup(s.warmup_sizes)
+        return runtime
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: keep serving, but tell load balancers to stop sending (readiness 503)."""
+        if self.state in (EngineState.LOADING, EngineState.READY):
+            self.state, self.message = EngineState.DRAINING, "shutting down: finishing in-flight requests"
+            log.info("%s", self.message)
+
+    async def close(self) -> None:
+        """Finish every admitted request, then stop the worker and the thread pools."""
+        self.begin_shutdown()
+        if self._load_task is not None:
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.state is not EngineState.FAILED:
+            self.state, self.message = EngineState.STOPPED, "stopped"
+        self._infer_pool.shutdown(wait=True)
+        self._cpu_pool.shutdown(wait=True)
+
+    def check_health(self) -> Health:
+        """Current state; a dead batch worker turns READY into FAILED."""
+        worker_died = self.batcher is not None and not self.batcher.alive and not self.batcher.closed
+        if self.state in (EngineState.READY, EngineState.DRAINING) and worker_died:
+            self.state, self.message = EngineState.FAILED, "the batch worker stopped unexpectedly"
+        return Health(self.state, self.message)
+
+    # -- facts about the model ----------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest.get("model_version", "unknown"))
+
+    @property
+    def ddim_steps(self) -> int:
+        return int(self.manifest.get("ddim_steps", 0))
+
+    @property
+    def makes_masks(self) -> bool:
+        return "denoiser" in self.manifest.get("graphs", {})
+
+    def describe(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {"model_version": self.model_version, "ddim_steps": self.ddim_steps,
+                "method": self.manifest.get("method"), "provider": rt.provider if rt else None,
+                "providers": rt.describe() if rt else None, "makes_masks": self.makes_masks,
+                "max_batch_size": self.settings.max_batch_size}
+
+    # -- inference --------------------------------------------------------------------------------
+
+    async def predict(self, image: bytes, options: GroundOptions) -> Prediction:
+        """Ground `options.expression` in the encoded `image`; raises ServiceError (4xx/5xx) on failure."""
+        health = self.check_health()
+        if health.state is EngineState.FAILED:
+            raise EngineFailed(health.message)
+        if health.state is EngineState.STOPPED:
+            raise ShuttingDown("the server is shutting down")
+        if health.state is EngineState.LOADING or self.batcher is None:
+            raise NotReady(f"the model is not ready yet ({health.message})",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        if options.return_mask and not self.makes_masks:
+            raise MaskUnavailable(f"{self.model_version} ({self.manifest.get('method')}) generates no mask; "
+                                  "send return_mask=false")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        width, height, pixels = await self._timed("decode", self._prepare, image)
+        if loop.time() >= deadline:
+            raise RequestTimeout(f"decoding took longer than request_timeout_s = {self.settings.request_timeout_s}",
+                                 detail={"timeout_s": self.settings.request_timeout_s})
+        raw = await self.batcher.submit(_Item(pixels, options.expression, options.seed), deadline - loop.time())
+        return await self._timed("postprocess", self._postprocess, raw, width, height, options)
+
+    async def _timed(self, stage: str, fn, *args):
+        start = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, fn, *args)
+        finally:
+            self.metrics.stage_duration.labels(stage=stage).observe(time.perf_counter() - start)
+
+    def _prepare(self, data: bytes) -> tuple[int, int, np.ndarray]:
+        """Bytes -> (width, height, normalised pixels (3, S, S)); 4xx errors for bad images."""
+        decoded = decode_image(data, self.settings.max_image_pixels)
+        img = self.manifest["image"]
+        pixels = preprocess_image(decoded.image, img["size"], tuple(img["mean"]), tuple(img["std"]),
+                                  img["resize_mode"])
+        return decoded.width, decoded.height, pixels
+
+    def _run_batch(self, items: list[_Item]) -> list[_Raw]:
+        """One runtime.ground call for the whole batch (runs in the inference thread)."""
+        assert self.runtime is not None
+        ids, mask = self.runtime.tokenizer([it.expression for it in items])
+        result = self.runtime.ground(np.stack([it.pixels for it in items]), ids, mask, [it.seed for it in items])
+        self.metrics.observe_stages(result.seconds)
+        logits = result.mask_logits
+        return [_Raw(result.scores[i], result.boxes[i], None if logits is None else logits[i])
+                for i in range(len(items))]
+
+    def _postprocess(self, raw: _Raw, width: int, height: int, options: GroundOptions) -> Prediction:
+        """Top-k boxes above the threshold in pixels (rounded to 0.01 px, scores to 1e-6), mask as PNG."""
+        resize_mode = self.manifest["image"]["resize_mode"]
+        scores = np.round(raw.scores.astype(np.float64), 6)  # as reported, so the threshold applies to these
+        order = np.argsort(-scores, kind="stable")
+        keep = [int(i) for i in order if scores[i] >= options.score_threshold][: options.top_k]
+        xyxy = boxes_to_pixels(raw.boxes[keep], width, height, resize_mode) if keep else np.zeros((0, 4))
+        detections = [Detection(rank=r + 1, score=float(scores[i]),
+                                xyxy=tuple(round(float(v), 2) for v in box))  # type: ignore[arg-type]
+                      for r, (i, box) in enumerate(zip(keep, xyxy))]
+        mask_png = None
+        if options.return_mask and raw.mask_logits is not None:
+            mask = mask_from_input_frame(sigmoid(raw.mask_logits.astype(np.float64)), width, height, resize_mode)
+            buffer = io.BytesIO()
+            Image.fromarray(mask).save(buffer, format="PNG")  # bool -> mode "1"
+            mask_png = buffer.getvalue()
+        return Prediction(width, height, detections, mask_png, self.model_version, self.ddim_steps, options.seed)

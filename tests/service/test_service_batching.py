@@ -1,0 +1,62 @@
+"""Micro-batching on a real server: concurrent requests share a batch, a full queue is 503, a late request 504."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from service_testkit import assert_error, metric, sample_png, wait_until
+
+pytestmark = pytest.mark.slow  # every test starts its own server
+
+
+def test_concurrent_requests_are_batched(start_server):
+    srv = start_server(max_batch_size=4, max_wait_ms=500)
+    before = srv.metrics()
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda seed: srv.ground(sample_png(), "the blue star", seed=seed), range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert [r.json()["seed"] for r in responses] == list(range(8))
+    after = srv.metrics()
+    batches = metric(after, "diffprompt_batch_size_count") - metric(before, "diffprompt_batch_size_count")
+    requests = metric(after, "diffprompt_batch_size_sum") - metric(before, "diffprompt_batch_size_sum")
+    assert requests == 8
+    assert 2 <= batches < 8  # at most 4 per batch, and some requests did share one
+    assert metric(after, "diffprompt_batch_size_bucket", le="4.0") == metric(after, "diffprompt_batch_size_count")
+
+
+def test_batching_off_runs_one_at_a_time(start_server):
+    srv = start_server(max_batch_size=1, max_wait_ms=0)
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda seed: srv.ground(sample_png(), seed=seed), range(4)))
+    assert all(r.status_code == 200 for r in responses)
+    after = srv.metrics()
+    assert metric(after, "diffprompt_batch_size_count") == metric(after, "diffprompt_batch_size_sum") == 4
+
+
+def test_full_queue_is_503_with_retry_after(start_server):
+    """max_queue=1 and a batch that waits 1.5 s to fill: the second request finds the queue full."""
+    srv = start_server(max_queue=1, max_batch_size=16, max_wait_ms=1500, retry_after_s=2)
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(r=srv.ground(sample_png(), seed=1)))
+    thread.start()
+    wait_until(lambda: metric(srv.metrics(), "diffprompt_queue_depth") == 1, what="the first request queued")
+    second = srv.ground(sample_png(), seed=2)
+    err = assert_error(second, 503, "queue_full")
+    assert second.headers["retry-after"] == "2"
+    assert err["detail"] == {"waiting": 1, "max_queue": 1}
+    thread.join(60)
+    assert first["r"].status_code == 200, first["r"].text  # the admitted one still completes
+    after = srv.metrics()
+    assert metric(after, "diffprompt_errors_total", reason="queue_full") == 1
+    assert metric(after, "diffprompt_queue_depth") == 0
+    assert metric(after, "diffprompt_request_duration_seconds_count", route="/v1/ground", status="503") == 1
+
+
+def test_request_timeout_is_504(start_server):
+    """A request that cannot finish within request_timeout_s (its batch waits 5 s to fill) gets a clear 504."""
+    srv = start_server(request_timeout_s=0.3, max_batch_size=16, max_wait_ms=5000)
+    err = assert_error(srv.ground(sample_png()), 504, "timeout")
+    assert "request_timeout_s" in err["message"]
+    assert metric(srv.metrics(), "diffprompt_errors_total", reason="timeout") == 1
