@@ -1,7 +1,8 @@
 """The `diffprompt` command: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module and is imported only when it runs, so `diffprompt
-serve` never imports torch. `diffprompt COMMAND --help` shows the command's own options.
+Each subcommand lives in its own module and is imported only when it runs, so a command
+pays only for the libraries it uses. `diffprompt COMMAND --help` shows the command's own
+options. The service has its own entry point (`python -m service`), which never imports torch.
 """
 
 from __future__ import annotations
