@@ -80,7 +80,8 @@ def run_job(job: Job, cfg: dict) -> dict:
         argv = ["--method", job.method, "--seed", str(job.seed), "--depth", str(job.depth),
                 "--epochs", str(cfg["epochs"]), "--output", str(out / "model"), "--run-root", str(out / "runs"),
                 "--foundation", cfg["foundation"], "--mask-vae", cfg["mask_vae"], "--data-dir", cfg["data_dir"],
-                "--threads", str(cfg["threads"]), "--eval-every", "0", "--no-progress"]
+                "--threads", str(cfg["threads"]), "--eval-every", "0", "--no-progress",
+                "--mask-cache", str(Path(cfg["work_dir"]) / "mask_cache")]
         if job.conditioning:
             argv += ["--prompt-dit", cfg[f"dit_{job.conditioning}"]]
         summary = train(build_parser().parse_args(argv))

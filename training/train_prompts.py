@@ -19,7 +19,9 @@ epoch.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -67,6 +69,21 @@ def generated_masks(pipeline: DiffPromptPipeline, data: RecArrays, ids, mask, se
     return torch.cat(out)
 
 
+def mask_cache_path(args: argparse.Namespace, data: RecArrays) -> Path:
+    """Where the sampled training masks of (DiT weights, VAE weights, seed, steps, samples) are kept.
+
+    Layer i's mask does not depend on how many layers are prompted (`kept_outputs` is
+    prefix-consistent), so a cache with more layers serves a shallower run too."""
+    h = hashlib.sha256()
+    for f in (Path(args.prompt_dit) / "diffusion_pytorch_model.safetensors", Path(args.prompt_dit) / "config.json",
+              Path(args.prompt_dit) / "scheduler_config.json", Path(args.mask_vae) / "config.json",
+              Path(args.mask_vae) / "diffusion_pytorch_model.safetensors"):
+        h.update(f.read_bytes())
+    h.update(f"{args.seed}|{args.ddim_steps}|".encode())
+    h.update("|".join(str(s.sample_id) + s.expression for s in data.samples).encode())
+    return Path(args.mask_cache) / f"masks-{h.hexdigest()[:16]}.npy"
+
+
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     info = init_distributed(args.device)
@@ -95,9 +112,19 @@ def main(args: argparse.Namespace) -> dict:
     masks = None
     if learner.needs_masks:
         t = time.time()
-        masks = generated_masks(pipeline, train, ids, mask, args.seed, progress=args.progress and info.is_main)
-        log.info(f"sampled {masks.shape[1]} prompt masks per expression with {args.ddim_steps} DDIM steps "
-                 f"({time.time() - t:.0f}s)")
+        cache = mask_cache_path(args, train) if args.mask_cache else None
+        if cache is not None and cache.exists() and np.load(cache, mmap_mode="r").shape[1] >= learner.mask_layers:
+            masks = torch.from_numpy(np.load(cache)[:, : learner.mask_layers])
+            log.info(f"loaded {masks.shape[1]} prompt masks per expression from {cache}")
+        else:
+            masks = generated_masks(pipeline, train, ids, mask, args.seed, progress=args.progress and info.is_main)
+            log.info(f"sampled {masks.shape[1]} prompt masks per expression with {args.ddim_steps} DDIM steps "
+                     f"({time.time() - t:.0f}s)")
+            if cache is not None and info.is_main:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
+                np.save(tmp, masks.numpy())
+                os.replace(tmp, cache)
     n_trainable = sum(p.numel() for p in learner.parameters())
     log.info(f"run {run_dir}: method {args.method}, {len(train)} train expressions, {len(val_samples)} val, "
              f"{n_trainable} trainable parameters, vision depth {learner.vision_depth}, text depth "
@@ -177,6 +204,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--mask-vae", default="checkpoints/mask_vae", help="Diff-Prompt only")
     p.add_argument("--prompt-dit", default="checkpoints/prompt_dit_tokens", help="Diff-Prompt only")
     p.add_argument("--ddim-steps", type=int, default=25, help="DDIM steps of the training masks (Diff-Prompt)")
+    p.add_argument("--mask-cache", default=None,
+                   help="keep the sampled training masks here and reuse them (same DiT, VAE, seed, steps, data)")
     p.add_argument("--depth", type=int, default=9, help="prompted layers from the input (capped per tower)")
     p.add_argument("--length", type=int, default=8, help="prompt tokens per layer")
     p.add_argument("--output", required=True)

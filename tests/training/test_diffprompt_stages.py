@@ -107,3 +107,18 @@ def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path)
     assert "world size 2" in proc.stdout
     DiffPromptPipeline.from_pretrained(tmp_path / "dp", steps=5)
     assert len(list((tmp_path / "runs").iterdir())) == 1  # rank 0 only
+
+
+def test_cached_training_masks_give_the_same_run(stages, small_world, tmp_path):
+    root, _ = stages
+    argv = ["--method", "diffprompt", "--epochs", "1", "--batch-size", "8", "--ddim-steps", "5", "--eval-every", "1",
+            "--foundation", str(root / "foundation"), "--mask-vae", str(root / "vae"), "--prompt-dit",
+            str(root / "dit"), "--data-dir", str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1",
+            "--no-progress", "--mask-cache", str(tmp_path / "cache")]
+    first = train_prompts.main(train_prompts.build_parser().parse_args([*argv, "--output", str(tmp_path / "a")]))
+    assert len(list((tmp_path / "cache").glob("masks-*.npy"))) == 1
+    second = train_prompts.main(train_prompts.build_parser().parse_args([*argv, "--output", str(tmp_path / "b")]))
+    log = (Path(second["run_dir"]) / "log.txt").read_text()
+    assert "loaded 1 prompt masks per expression" in log
+    assert [h["loss"] for h in second["history"]] == [h["loss"] for h in first["history"]]
+    assert second["history"][-1]["val_R@1"] == first["history"][-1]["val_R@1"]
