@@ -45,7 +45,10 @@ class Job:
         return f"{self.method}-{self.conditioning}" if self.conditioning else self.method
 
 
-def plan(seeds: list[int], depths: list[int], ablation_steps: list[int]) -> list[Job]:
+def plan(seeds: list[int], depths: list[int], ablation_steps: list[int],
+         tower_layers: tuple[int, int] = (6, 3)) -> list[Job]:
+    """Every job of the table. A depth whose capped layout (image layers, text layers) equals
+    depth 9's is the main run already and gets no job of its own."""
     jobs = [Job("foundation", "foundation")]
     for seed in seeds:
         for method in BASELINES:
@@ -53,8 +56,9 @@ def plan(seeds: list[int], depths: list[int], ablation_steps: list[int]) -> list
         jobs.append(Job(f"diffprompt-pooled-s{seed}", "diffprompt", seed, "pooled", eval_steps=[25, 5]))
         jobs.append(Job(f"diffprompt-tokens-s{seed}", "diffprompt", seed, "tokens",
                         eval_steps=sorted(set(ablation_steps) | {25, 5}, reverse=True)))
+    layout = lambda d: (min(d, tower_layers[0]), min(d, tower_layers[1]))
     for depth in depths:
-        if depth != 9:
+        if layout(depth) != layout(9):
             jobs.append(Job(f"diffprompt-tokens-depth{depth}-s{seeds[0]}", "diffprompt", seeds[0], "tokens", depth))
     return jobs
 
@@ -162,7 +166,8 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
                     key=lambda r: r["job"]["depth"]):
         d = r["job"]["depth"]
         ev = r["eval"]["25"]
-        lines.append(f"| {d} ({min(d, 6)} / {min(d, 3)}) | {r['trainable_parameters']:,} | "
+        same = " = depth 6 (the image tower has 6 layers)" if d == 9 else ""
+        lines.append(f"| {d} ({min(d, 6)} / {min(d, 3)}){same} | {r['trainable_parameters']:,} | "
                      + " | ".join(f"{100 * ev[sp]['R@1']:.2f}" for sp in SPLITS) + " |")
 
     # acceptance checks
@@ -297,7 +302,9 @@ def main(args: argparse.Namespace) -> int:
         ensure_synthetic_split(Path(args.data_dir), split, None, log, args.progress)
     if args.from_scratch:
         train_generators(args, cfg)
-    jobs = plan(args.seeds, args.depths, args.ablation_steps)
+    fcfg = json.loads((Path(args.foundation) / "config.json").read_text())
+    layers = (fcfg["vision"]["num_hidden_layers"], fcfg["text"]["num_hidden_layers"])
+    jobs = plan(args.seeds, args.depths, args.ablation_steps, layers)
     if args.only:
         jobs = [j for j in jobs if any(j.name.startswith(o) for o in args.only)]
     results, todo = [], []

@@ -26,7 +26,9 @@ def test_plan_has_every_row_for_every_seed():
     for seed in (0, 1, 2):
         assert {f"{m}-s{seed}" for m in BASELINES} <= names
         assert {f"diffprompt-pooled-s{seed}", f"diffprompt-tokens-s{seed}"} <= names
-    assert {"diffprompt-tokens-depth1-s0", "diffprompt-tokens-depth3-s0", "diffprompt-tokens-depth6-s0"} <= names
+    assert {"diffprompt-tokens-depth1-s0", "diffprompt-tokens-depth3-s0"} <= names
+    assert "diffprompt-tokens-depth6-s0" not in names  # 6 image / 3 text layers: depth 6 is depth 9
+    assert "diffprompt-tokens-depth6-s0" in {j.name for j in plan([0], [6], [25], tower_layers=(12, 12))}
     tokens = next(j for j in jobs if j.name == "diffprompt-tokens-s0")
     assert tokens.eval_steps == [25, 10, 5]
 
