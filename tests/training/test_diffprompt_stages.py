@@ -96,12 +96,13 @@ def test_each_baseline_trains_and_only_its_parameters_change(method, stages, sma
 @pytest.mark.slow
 def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path):
     root, _ = stages
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training.train_prompts", "--method", "diffprompt", "--epochs", "1", "--batch-size", "4",
            "--ddim-steps", "5", "--eval-every", "0", "--foundation", str(root / "foundation"), "--mask-vae",
            str(root / "vae"), "--prompt-dit", str(root / "dit"), "--output", str(tmp_path / "dp"), "--data-dir",
            str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # --standalone: a free rendezvous port each run; gloo on loopback, whatever the hostname resolves to
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
