@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.torchrun_util import run_torchrun
 from training import evaluate, train_mask_vae, train_prompt_dit, train_prompts
 from training.models.diffprompt import PIPELINE_FILE, SCHEDULER_FILE, DiffPromptPipeline
 from training.models.grounding import GROUNDING_PRESETS, GroundingModel
@@ -103,7 +103,7 @@ def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path)
            str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
     # --standalone: a free rendezvous port each run; gloo on loopback, whatever the hostname resolves to
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(cmd, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     DiffPromptPipeline.from_pretrained(tmp_path / "dp", steps=5)

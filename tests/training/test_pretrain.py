@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from tests.torchrun_util import run_torchrun
 from training.models.grounding import load_grounding_model
 from training.pretrain_foundation import build_parser, main
 
@@ -86,7 +86,7 @@ def test_torchrun_two_gloo_processes_stay_in_sync(small_world, tmp_path):
            "--run-root", str(tmp_path / "runs"), "--output", str(tmp_path / "f"), "--threads", "1", "--no-progress"]
     # --standalone: a free rendezvous port each run; gloo on loopback, whatever the hostname resolves to
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(cmd, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # both ranks print to the same pipe: their lines may run together, so match, don't split
     reports = re.findall(r"RANK (\d) WORLD (\d) MAXDIFF ([-+0-9.e]+?)(?=RANK|\s|$)", proc.stdout)
