@@ -5,9 +5,6 @@ artifact) after one good and one bad /v1/ground; a real Prometheus then evaluate
 from __future__ import annotations
 
 import shutil
-import subprocess
-import threading
-import time
 
 import httpx
 import pytest
@@ -27,7 +24,7 @@ from deploy_testkit import (
     selectors,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from service_testkit import free_port, sample_png, wait_until
+from service_testkit import prometheus_scraping, sample_png, wait_until
 
 # Series Prometheus itself adds to every scrape target.
 PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added"}
@@ -162,22 +159,6 @@ def test_a_real_prometheus_evaluates_every_rule_and_panel_against_the_service(li
     config["scrape_configs"] = [job]
     config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with httpx.Client(base_url=live_server.url, timeout=30) as client:
-            while not stop.is_set():
-                live_server.ground(sample_png(), client=client)
-                time.sleep(0.1)
-
-    feeder = threading.Thread(target=traffic)
-    feeder.start()
-    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
 
     def value(query: str) -> float | None:
         try:
@@ -187,7 +168,7 @@ def test_a_real_prometheus_evaluates_every_rule_and_panel_against_the_service(li
         result = r.json().get("data", {}).get("result", []) if r.status_code == 200 else []
         return float(result[0]["value"][1]) if result else None
 
-    try:
+    with prometheus_scraping(PROMETHEUS, tmp_path / "prometheus.yml", live_server, tmp_path) as api:
         wait_until(lambda: (value("diffprompt:batch_size:mean5m") or 0) >= 1, timeout=120,
                    what="the recording rules to have values")
         assert value("diffprompt:ground_requests:rate5m") > 0
@@ -202,10 +183,3 @@ def test_a_real_prometheus_evaluates_every_rule_and_panel_against_the_service(li
         for where, query in dashboard_queries():
             r = api.get("/api/v1/query", params={"query": query})
             assert r.status_code == 200 and r.json()["status"] == "success", (where, r.text)
-    finally:
-        stop.set()
-        feeder.join(30)
-        api.close()
-        proc.terminate()
-        proc.wait(30)
-        log.close()

@@ -7,6 +7,7 @@ torch was imported) on a free loopback port with DIFFPROMPT_* settings, and talk
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -15,8 +16,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -213,3 +216,34 @@ def bomb_png(side: int = 30_000) -> bytes:
     parts.append(compressor.flush())
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def prometheus_scraping(prometheus: str, config: Path, server: ServerProcess, workdir: Path) -> Iterator[httpx.Client]:
+    """A real Prometheus server on a free loopback port with `config`, while a background thread keeps
+    posting /v1/ground to `server` (so the request histograms move between scrapes). Yields an httpx
+    client on Prometheus' HTTP API; everything is stopped on exit."""
+    port = free_port()
+    log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not stop.is_set():
+                server.ground(sample_png(), client=client)
+                time.sleep(0.1)
+
+    feeder = threading.Thread(target=traffic)
+    feeder.start()
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        yield api
+    finally:
+        stop.set()
+        feeder.join(30)
+        api.close()
+        proc.terminate()
+        proc.wait(30)
+        log.close()

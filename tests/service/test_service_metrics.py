@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import threading
-import time
 
 import httpx
 import pytest
-from service_testkit import free_port, metric, sample_png, wait_until
+from service_testkit import metric, prometheus_scraping, sample_png, wait_until
 
 GROUND = {"route": "/v1/ground", "method": "POST"}
 
@@ -69,26 +66,11 @@ PROMETHEUS = shutil.which("prometheus")
 @pytest.mark.skipif(PROMETHEUS is None, reason="the Prometheus server binary is not installed "
                                                "(Debian: apt-get install -y prometheus)")
 def test_real_prometheus_scrapes_and_answers_a_quantile(server, tmp_path):
-    port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: diffprompt\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{server.port}']\n")
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    stop = threading.Event()
-
-    def traffic() -> None:  # keep the request histogram moving between scrapes
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            while not stop.is_set():
-                server.ground(sample_png(), client=client)
-                time.sleep(0.1)
-
-    feeder = threading.Thread(target=traffic)
-    feeder.start()
-    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     query = ("histogram_quantile(0.5, sum(rate(diffprompt_request_duration_seconds_bucket"
              '{route="/v1/ground"}[1m])) by (le))')
     answer: dict = {}
@@ -104,17 +86,10 @@ def test_real_prometheus_scrapes_and_answers_a_quantile(server, tmp_path):
             return True
         return False
 
-    try:
+    with prometheus_scraping(PROMETHEUS, config, server, tmp_path) as api:
         wait_until(quantile_known, timeout=90, what="Prometheus to answer the median latency")
         targets = api.get("/api/v1/targets").json()["data"]["activeTargets"]
         assert [t["health"] for t in targets] == ["up"]
         up = api.get("/api/v1/query", params={"query": 'up{job="diffprompt"}'}).json()["data"]["result"]
         assert up[0]["value"][1] == "1"
-    finally:
-        stop.set()
-        feeder.join(30)
-        api.close()
-        proc.terminate()
-        proc.wait(30)
-        log.close()
     assert 0 < answer["value"] <= 10.0
