@@ -93,16 +93,15 @@ def main(args: argparse.Namespace) -> dict:
 
     foundation, tokenizer = load_foundation(args.foundation)
     foundation.eval().requires_grad_(False)
-    learner = PromptLearner.for_foundation(foundation, args.method, depth=args.depth, length=args.length)
+    extra = {}
+    if args.method == "diffprompt":  # the adapters read masks of the Mask-VAE's size
+        extra["mask_size"] = json.loads((Path(args.mask_vae) / "config.json").read_text())["sample_size"]
+    learner = PromptLearner.for_foundation(foundation, args.method, depth=args.depth, length=args.length, **extra)
     pipeline = DiffPromptPipeline(foundation, tokenizer, learner, steps=args.ddim_steps)
     if learner.needs_masks:
         pipeline.vae = load_mask_vae(args.mask_vae).requires_grad_(False)
         pipeline.dit, pipeline.scheduler = load_dit(args.prompt_dit)
         pipeline.dit.requires_grad_(False)
-        if pipeline.vae.config.sample_size != learner.config.mask_size:
-            learner = PromptLearner.for_foundation(foundation, args.method, depth=args.depth, length=args.length,
-                                                   mask_size=pipeline.vae.config.sample_size)
-            pipeline.learner = learner
     spec = ImageSpec.from_config(foundation.config)
     train_json, val_json = rec_split_paths(args, info, log)
     train = load_rec_arrays(load_mdetr(train_json), spec, learner.config.mask_size, progress=args.progress,
