@@ -185,6 +185,7 @@ def main(args: argparse.Namespace) -> dict:
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info(f"done in {summary['seconds'] / 60:.1f} min, best held-out R@1 {best:.4f}")
+    del step_module  # the DDP wrapper holds the process group: drop it before leaving (see cleanup)
     cleanup(info)
     return summary
 

@@ -191,6 +191,7 @@ def main(args: argparse.Namespace) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
         log.info(f"done in {summary['seconds'] / 60:.1f} min, saved to {out}")
+    del step_module  # the DDP wrapper holds the process group: drop it before leaving (see cleanup)
     cleanup(info)
     return summary
 

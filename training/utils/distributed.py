@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -57,5 +58,15 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group. Drop every DistributedDataParallel wrapper first (`del ddp_module`).
+
+    A DDP wrapper's C++ reducer holds the process group. If the group's last reference goes with the
+    wrapper at interpreter exit, gloo's destructor joins its worker threads while holding the GIL, and a
+    worker still releasing a finished collective's Python tensor waits for that GIL: both ranks hang
+    forever (pytorch/pytorch#56297). With the wrappers gone, `destroy_process_group` drops the last
+    reference, and that path releases the GIL.
+    """
     if info.world_size > 1 and dist.is_initialized():
+        gc.collect()  # DDP wrappers sit in reference cycles; free them (and their reducers) now
+        dist.barrier()
         dist.destroy_process_group()
