@@ -123,8 +123,9 @@ def main(args: argparse.Namespace) -> dict:
             if args.progress and info.is_main:
                 bar.set_postfix(mse=f"{mse.item():.4f}", epoch=epoch)
         scheduler.step()
+        mse_mean = all_reduce_mean(mse.item(), info)  # a collective: every rank calls it
         if info.is_main and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            log.info(f"epoch {epoch + 1}/{args.epochs} mse {all_reduce_mean(mse.item(), info):.4f} "
+            log.info(f"epoch {epoch + 1}/{args.epochs} mse {mse_mean:.4f} "
                      f"val reconstruction IoU {reconstruction_iou(vae, val):.4f} ({time.time() - t0:.0f}s)")
         barrier(info)
     bar.close()
@@ -140,6 +141,7 @@ def main(args: argparse.Namespace) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info(f"done in {summary['seconds'] / 60:.1f} min: val reconstruction IoU {iou:.4f}, "
                  f"latent scaling factor {vae.config.scaling_factor:.3f}, saved to {args.output}")
+    del step_module  # the DDP wrapper holds the process group: drop it before leaving (see cleanup)
     cleanup(info)
     return summary
 

@@ -164,6 +164,7 @@ def main(args: argparse.Namespace) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info(f"done in {summary['seconds'] / 60:.1f} min; {args.output} holds the EMA weights with the best "
                  f"val mask IoU ({best:.4f})")
+    del model  # the DDP wrapper holds the process group: drop it before leaving (see cleanup)
     cleanup(info)
     return summary
 

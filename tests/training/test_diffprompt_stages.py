@@ -110,6 +110,25 @@ def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path)
     assert len(list((tmp_path / "runs").iterdir())) == 1  # rank 0 only
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["train_mask_vae", "train_prompt_dit"])
+def test_stages_1_and_2_under_torchrun_two_gloo_processes(stage, stages, small_world, tmp_path):
+    root, _ = stages
+    args = {"train_mask_vae": ["--preset", "baby", "--epochs", "1", "--batch-size", "8", "--eval-every", "1"],
+            "train_prompt_dit": ["--preset", "baby", "--steps", "3", "--batch-size", "8", "--eval-every", "3",
+                                 "--eval-steps", "5", "--foundation", str(root / "foundation"),
+                                 "--mask-vae", str(root / "vae")]}[stage]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", f"training.{stage}", *args, "--output", str(tmp_path / "out"), "--data-dir", str(small_world),
+           "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    proc = run_torchrun(cmd, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout + proc.stderr
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "out").iterdir())
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # rank 0 only
+
+
 def test_cached_training_masks_give_the_same_run(stages, small_world, tmp_path):
     root, _ = stages
     argv = ["--method", "diffprompt", "--epochs", "1", "--batch-size", "8", "--ddim-steps", "5", "--eval-every", "1",
