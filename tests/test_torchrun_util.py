@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.torchrun_util import descendants, run_torchrun
+from tests.torchrun_util import descendants, run_killable
 
 # A stand-in for torchrun: it starts a "rank" in a new session (as torch's subprocess handler does),
 # prints the rank's pid, and both hang.
@@ -30,7 +30,7 @@ def _alive(pid: int) -> bool:
 def test_a_hung_run_fails_and_its_ranks_are_killed():
     t0 = time.monotonic()
     with pytest.raises(pytest.fail.Exception, match="timed out after 3 s") as info:
-        run_torchrun([sys.executable, "-c", HANGING_LAUNCHER], dict(os.environ), timeout=3)
+        run_killable([sys.executable, "-c", HANGING_LAUNCHER], dict(os.environ), timeout=3)
     assert time.monotonic() - t0 < 60
     rank_pid = int(str(info.value).split("stdout:\n")[1].split()[0])
     deadline = time.monotonic() + 10
@@ -40,7 +40,7 @@ def test_a_hung_run_fails_and_its_ranks_are_killed():
 
 
 def test_a_finished_run_returns_its_output_and_code():
-    proc = run_torchrun([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
+    proc = run_killable([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
                         dict(os.environ), timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
 

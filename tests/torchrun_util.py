@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_torchrun(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run torchrun; on a timeout kill it with all its ranks and fail with the output so far."""
+def run_killable(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `cmd`; on a timeout kill it with all its descendants and fail with the output so far."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True, stdin=subprocess.DEVNULL)
         try:
@@ -58,7 +59,17 @@ def run_torchrun(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.
             kill_tree(proc.pid)
             proc.wait()
             out.seek(0), err.seek(0)
-            pytest.fail(f"torchrun timed out after {timeout} s\nstdout:\n{out.read()[-3000:]}\n"
+            pytest.fail(f"{cmd[0]} timed out after {timeout} s\nstdout:\n{out.read()[-3000:]}\n"
                         f"stderr:\n{err.read()[-3000:]}")
         out.seek(0), err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def run_torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 <args>` with one thread per rank, killed whole on a timeout.
+
+    --standalone takes a free rendezvous port each run; gloo talks over loopback, whatever the
+    hostname resolves to."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    return run_killable(cmd, env, timeout)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,6 @@ from training import evaluate, train_mask_vae, train_prompt_dit, train_prompts
 from training.models.diffprompt import PIPELINE_FILE, SCHEDULER_FILE, DiffPromptPipeline
 from training.models.grounding import GROUNDING_PRESETS, GroundingModel
 from training.models.tokenizer import QueryTokenizer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +92,11 @@ def test_each_baseline_trains_and_only_its_parameters_change(method, stages, sma
 @pytest.mark.slow
 def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path):
     root, _ = stages
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.train_prompts", "--method", "diffprompt", "--epochs", "1", "--batch-size", "4",
-           "--ddim-steps", "5", "--eval-every", "0", "--foundation", str(root / "foundation"), "--mask-vae",
-           str(root / "vae"), "--prompt-dit", str(root / "dit"), "--output", str(tmp_path / "dp"), "--data-dir",
-           str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
-    # --standalone: a free rendezvous port each run; gloo on loopback, whatever the hostname resolves to
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    proc = run_torchrun(cmd, env)
+    proc = run_torchrun(["-m", "training.train_prompts", "--method", "diffprompt", "--epochs", "1", "--batch-size",
+                         "4", "--ddim-steps", "5", "--eval-every", "0", "--foundation", str(root / "foundation"),
+                         "--mask-vae", str(root / "vae"), "--prompt-dit", str(root / "dit"), "--output",
+                         str(tmp_path / "dp"), "--data-dir", str(small_world), "--run-root", str(tmp_path / "runs"),
+                         "--threads", "1", "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     DiffPromptPipeline.from_pretrained(tmp_path / "dp", steps=5)
@@ -118,11 +111,8 @@ def test_stages_1_and_2_under_torchrun_two_gloo_processes(stage, stages, small_w
             "train_prompt_dit": ["--preset", "baby", "--steps", "3", "--batch-size", "8", "--eval-every", "3",
                                  "--eval-steps", "5", "--foundation", str(root / "foundation"),
                                  "--mask-vae", str(root / "vae")]}[stage]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", f"training.{stage}", *args, "--output", str(tmp_path / "out"), "--data-dir", str(small_world),
-           "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    proc = run_torchrun(cmd, env)
+    proc = run_torchrun(["-m", f"training.{stage}", *args, "--output", str(tmp_path / "out"), "--data-dir",
+                         str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout + proc.stderr
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "out").iterdir())

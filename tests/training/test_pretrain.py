@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,6 @@ from safetensors.torch import load_file
 from tests.torchrun_util import run_torchrun
 from training.models.grounding import load_grounding_model
 from training.pretrain_foundation import build_parser, main
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(world: Path, tmp: Path, *extra: str):
@@ -80,15 +76,12 @@ def test_torchrun_two_gloo_processes_stay_in_sync(small_world, tmp_path):
         "pf.DistributedDataParallel = spy\n"
         "main(args)\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), "--data-dir", str(small_world), "--preset", "baby", "--batch-size", "3",
-           "--max-queries", "8", "--steps", "3", "--eval-every", "100", "--save-every", "100", "--val-limit", "4",
-           "--run-root", str(tmp_path / "runs"), "--output", str(tmp_path / "f"), "--threads", "1", "--no-progress"]
-    # --standalone: a free rendezvous port each run; gloo on loopback, whatever the hostname resolves to
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    proc = run_torchrun(cmd, env)
+    proc = run_torchrun([str(script), "--data-dir", str(small_world), "--preset", "baby", "--batch-size", "3",
+                         "--max-queries", "8", "--steps", "3", "--eval-every", "100", "--save-every", "100",
+                         "--val-limit", "4", "--run-root", str(tmp_path / "runs"), "--output", str(tmp_path / "f"),
+                         "--threads", "1", "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # both ranks print to the same pipe: their lines may run together, so match, don't split
+    # both ranks write to the same stdout: their lines may run together, so match, don't split
     reports = re.findall(r"RANK (\d) WORLD (\d) MAXDIFF ([-+0-9.e]+?)(?=RANK|\s|$)", proc.stdout)
     assert sorted(r[0] for r in reports) == ["0", "1"], proc.stdout
     for _, world, diff in reports:
