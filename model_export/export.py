@@ -26,7 +26,6 @@ import torch
 from tqdm import tqdm
 
 from model_export.graphs import (
-    CONDITION_OUTPUTS,
     ConditionEncoder,
     Denoiser,
     Grounding,
@@ -104,13 +103,13 @@ def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, 
     diffprompt = learner is not None and learner.needs_masks
 
     if diffprompt:
-        enc = ConditionEncoder(foundation)
+        enc = ConditionEncoder(foundation, pipeline.dit.eval())
         with torch.no_grad():
             cond = enc(pixels, ids, mask)
         jobs.append(("condition_encoder", enc, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
-                     CONDITION_OUTPUTS))
+                     enc.output_names))
         den = Denoiser(pipeline.dit.eval())
-        used = [cond[CONDITION_OUTPUTS.index(n)] for n in den.condition_names]
+        used = list(cond)  # the denoiser takes every condition_encoder output, in the same order
         c = pipeline.dit.config
         latent_shape = (c.latent_channels, c.latent_size, c.latent_size)
         latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(1))

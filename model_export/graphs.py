@@ -1,9 +1,11 @@
 """The four exported graphs, as torch modules with plain tensor inputs and outputs.
 
     condition_encoder  pixel_values (B,3,S,S), input_ids (B,T) int64, attention_mask (B,T) int64
-                       -> image_embed (B,E), text_embed (B,E), image_tokens (B,1+P,Dv),
-                          text_tokens (B,T,Dt), text_mask (B,T), patch_scores (B,P)
-    denoiser           latents (B,C,h,w), timesteps (B,) int64, + the conditions the DiT uses
+                       -> image_embed (B,E), text_embed (B,E) [tokens conditioning: + context (B,S,D),
+                          key_bias (B,1,1,S), maps (B,k,g,g)]: the unprompted foundation's conditions
+                          passed through the DiT's condition-only part (`PromptDiT.prepare_conditions`),
+                          once per query rather than once per DDIM step
+    denoiser           latents (B,C,h,w), timesteps (B,) int64, + the condition_encoder's outputs
                        -> model_output (B,C,h,w)            (one DDIM step's network call)
     prompt_builder     kept_latents (B,n,C,h,w)
                        -> vision_prompts (B,dv,L,Dv), text_prompts (B,dt,L,Dt), mask_logits (B,n,1,m,m)
@@ -28,28 +30,32 @@ from training.models.mask_vae import decode_latents
 from training.models.prompt_dit import PromptDiT
 from training.models.prompt_learners import PromptLearner, prompted_forward
 
-CONDITION_OUTPUTS = ["image_embed", "text_embed", "image_tokens", "text_tokens", "text_mask", "patch_scores"]
-POOLED_CONDITIONS = ["image_embed", "text_embed"]
-
 
 class ConditionEncoder(nn.Module):
-    def __init__(self, foundation: GroundingModel):
+    """The frozen foundation's unprompted conditions, then the DiT's condition-only part."""
+
+    def __init__(self, foundation: GroundingModel, dit: PromptDiT):
         super().__init__()
-        self.foundation = foundation
+        self.foundation, self.dit = foundation, dit
+        self.output_names = list(dit.prepared_names)
 
     def forward(self, pixel_values, input_ids, attention_mask):
-        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=True)
-        return tuple(cond[k] for k in CONDITION_OUTPUTS)
+        tokens = self.dit.config.conditioning == "tokens"
+        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=tokens)
+        prepared = self.dit.prepare_conditions(**cond)
+        return tuple(prepared[k] for k in self.output_names)
 
 
 class Denoiser(nn.Module):
+    """One DiT call on noisy latents, given the condition_encoder's outputs."""
+
     def __init__(self, dit: PromptDiT):
         super().__init__()
         self.dit = dit
-        self.condition_names = CONDITION_OUTPUTS if dit.config.conditioning == "tokens" else POOLED_CONDITIONS
+        self.condition_names = list(dit.prepared_names)
 
     def forward(self, latents, timesteps, *conditions):
-        return self.dit(latents, timesteps, **dict(zip(self.condition_names, conditions)))
+        return self.dit.denoise(latents, timesteps, dict(zip(self.condition_names, conditions)))
 
 
 class PromptBuilder(nn.Module):

@@ -5,7 +5,11 @@ decodes it with the Mask-VAE and reports, per expression kind:
 
 - `mask IoU`: IoU of the thresholded generated mask with the true mask;
 - `hit`: the generated mask's highest-logit pixel lies inside the true mask (is the prompt on the target?);
-- `foundation R@1`: the frozen foundation's own top box at IoU >= 0.5, for comparison.
+- `foundation R@1`: the frozen foundation's own top box at IoU >= 0.5, for comparison;
+- `mask-ranked R@1`: the foundation's boxes ranked by the generated mask's logit at each box
+  centre instead of by the foundation's score (does the mask know which box is referred?);
+- `pointer R@1` (DiTs with a pointer head): the boxes ranked by the pointer's logit of the patch
+  that predicted them.
 
     python scripts/diagnose_dit.py --prompt-dit checkpoints/prompt_dit_tokens --split val --steps 25
 """
@@ -52,7 +56,7 @@ def main() -> None:
     with torch.no_grad():
         cond = compute_conditions(foundation, tokenizer, data, dit.config.conditioning == "tokens", progress=False)
         stats: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-        foundation_recall = RecallAccumulator(ks=(1,))  # the evaluator's own R@1 (IoU >= 0.5)
+        recall = RecallAccumulator(ks=(1,))  # the evaluator's own R@1 (IoU >= 0.5)
         for lo in range(0, len(samples), 128):
             c = {k: v[lo: lo + 128] for k, v in cond.items()}
             seeds = [lo + i for i in range(len(c["image_embed"]))]
@@ -64,16 +68,26 @@ def main() -> None:
             ids, mask = (torch.from_numpy(a) for a in tokenizer([s.expression for s in samples[lo: lo + 128]]))
             out = foundation(data.pixels[lo: lo + 128].float(), ids, mask)
             scores, boxes = out.logits[..., 0].numpy(), out.pred_boxes.numpy()  # (B, P), (B, P, 4)
+            m = logits.shape[-1]  # the mask logit under each box centre (cxcywh in [0, 1])
+            col = (out.pred_boxes[..., 0] * m).long().clamp(0, m - 1)
+            row = (out.pred_boxes[..., 1] * m).long().clamp(0, m - 1)
+            at_centre = torch.gather(logits[:, 0].flatten(1), 1, row * m + col).numpy()  # (B, P)
+            pointer = dit.prepare_conditions(**c)["pointer_logits"] if dit.pointer else None
             for j, s in enumerate(samples[lo: lo + 128]):
                 px = boxes_to_pixels(boxes[j], s.width, s.height, spec.resize_mode)
-                r1 = foundation_recall.add(ranked_by_score(px, scores[j])[0], s.boxes, group=s.kind)["R@1"]
-                stats[s.kind].append((float(ious[j]), float(hits[j]), float(r1)))
+                r1 = [recall.add(ranked_by_score(px, ranking)[0], s.boxes, group=s.kind)["R@1"]
+                      for ranking in (scores[j], at_centre[j], None if pointer is None else pointer[j].numpy())
+                      if ranking is not None]
+                stats[s.kind].append((float(ious[j]), float(hits[j]), *map(float, r1)))
     stats["all"] = [v for vs in list(stats.values()) for v in vs]
     print(f"{args.prompt_dit} on {args.split} ({len(samples)} expressions, {args.steps} DDIM steps)")
-    print("| kind | n | mask IoU | hit | foundation R@1 |\n|---|---|---|---|---|")
+    columns = ["mask IoU", "hit", "foundation R@1", "mask-ranked R@1"] + (["pointer R@1"] if dit.pointer else [])
+    print("| kind | n | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 2))
     for kind, vs in sorted(stats.items(), key=lambda kv: kv[0] == "all"):
         t = torch.tensor(vs).mean(0)
-        print(f"| {kind} | {len(vs)} | {t[0]:.4f} | {100 * t[1]:.2f} | {100 * t[2]:.2f} |")
+        cells = [f"{t[0]:.4f}"] + [f"{100 * v:.2f}" for v in t[1:]]
+        print(f"| {kind} | {len(vs)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ def build_tiny_pipeline(root: Path, conditioning: str = "tokens") -> Path:
     cfg = f.config
     dit = PromptDiT(conditioning=conditioning, latent_size=8, image_embed_dim=cfg.projection_dim,
                     text_embed_dim=cfg.projection_dim, image_token_dim=cfg.vision.hidden_size,
-                    text_token_dim=cfg.text.hidden_size, image_grid=cfg.grid_size, **PROMPT_DIT_PRESETS["baby"])
+                    text_token_dim=cfg.text.hidden_size, image_grid=cfg.grid_size,
+                    context_layers=1 if conditioning == "tokens" else 0,  # the shipped tokens DiT has a pointer head
+                    **PROMPT_DIT_PRESETS["baby"])
     for p in dit.parameters():  # move off the zero init so every input matters
         p.data.add_(torch.randn_like(p) * 0.05)
     dit.save_pretrained(root / "dit")
@@ -71,3 +73,9 @@ def build_tiny_pipeline(root: Path, conditioning: str = "tokens") -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pooled_pipeline_dir(tmp_path_factory) -> Path:
+    """The same with the paper's pooled conditioning (no condition tokens, no pointer head)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pooled_pipeline"), conditioning="pooled")

@@ -37,7 +37,7 @@ from training.data.rec_arrays import RecArrays, load_rec_arrays
 from training.evaluate import load_foundation
 from training.models.diffprompt import SCHEDULER_FILE, foundation_conditions
 from training.models.mask_vae import decode_latents, encode_masks, load_mask_vae, mask_iou
-from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
+from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
 from training.models.prompt_sampler import make_scheduler, sample_prompt_latents
 from training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
 from training.utils.checkpoint import save_checkpoint
@@ -71,6 +71,20 @@ def sampled_mask_iou(dit, scheduler, vae, cond: dict, targets: torch.Tensor, ste
     return float(torch.cat(ious).mean())
 
 
+@torch.no_grad()
+def pointer_accuracy(dit: PromptDiT, cond: dict, targets: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of samples whose pointer head picks the patch holding the referred object."""
+    dit.eval()
+    hits = []
+    for lo in range(0, len(targets), batch_size):
+        c = {k: v[lo: lo + batch_size] for k, v in cond.items()}
+        B = len(c["image_embed"])
+        latents = torch.zeros(B, dit.config.latent_channels, dit.config.latent_size, dit.config.latent_size)
+        _, logits = dit(latents, torch.zeros(B, dtype=torch.long), **c, return_pointer=True)  # pointer ignores x_t, t
+        hits.append(logits.argmax(1) == targets[lo: lo + batch_size])
+    return float(torch.cat(hits).float().mean())
+
+
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     info = init_distributed(args.device)
@@ -91,14 +105,16 @@ def main(args: argparse.Namespace) -> dict:
     cond = compute_conditions(foundation, tokenizer, train, tokens, progress=args.progress and info.is_main)
     val_cond = compute_conditions(foundation, tokenizer, val, tokens, progress=args.progress and info.is_main)
     latents = torch.cat([encode_masks(vae, train.masks[lo: lo + 256]) for lo in range(0, len(train), 256)])
+    fcfg = foundation.config
+    pointer_targets = referred_patch(train.masks, fcfg.grid_size)  # (N,) the patch holding each referred object
+    val_pointer_targets = referred_patch(val.masks, fcfg.grid_size)
     train.pixels = val.pixels = None  # conditions are all the DiT needs
 
-    fcfg = foundation.config
     dit = PromptDiT(
         latent_channels=latents.shape[1], latent_size=latents.shape[-1], conditioning=args.conditioning,
         image_embed_dim=fcfg.projection_dim, text_embed_dim=fcfg.projection_dim,
         image_token_dim=fcfg.vision.hidden_size, text_token_dim=fcfg.text.hidden_size, image_grid=fcfg.grid_size,
-        **PROMPT_DIT_PRESETS[args.preset],
+        context_layers=args.context_layers if tokens else 0, **PROMPT_DIT_PRESETS[args.preset],
     ).to(info.device)
     scheduler = make_scheduler({"num_train_timesteps": args.train_timesteps, "prediction_type": args.prediction_type,
                                 "clip_sample": args.clip_sample > 0, "clip_sample_range": args.clip_sample or 1.0})
@@ -128,10 +144,14 @@ def main(args: argparse.Namespace) -> dict:
         xt = scheduler.add_noise(x0, noise, t)
         c = {k: v[idx].to(info.device) for k, v in cond.items()}
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            eps = model(xt.to(info.device), t.to(info.device), **c)
+            out = model(xt.to(info.device), t.to(info.device), **c, return_pointer=dit.pointer)
+        eps, pointer_logits = out if dit.pointer else (out, None)
         target = {"epsilon": noise, "sample": x0}.get(args.prediction_type) if args.prediction_type != "v_prediction" \
             else scheduler.get_velocity(x0, noise, t)
         loss = torch.nn.functional.mse_loss(eps.float(), target.to(info.device))
+        if dit.pointer:  # the pointer head's direct "which patch is referred" signal
+            loss = loss + args.pointer_loss_weight * torch.nn.functional.cross_entropy(
+                pointer_logits.float(), pointer_targets[idx].to(info.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
@@ -147,8 +167,13 @@ def main(args: argparse.Namespace) -> dict:
             with ema_weights(ema, dit):
                 iou = {s: sampled_mask_iou(dit, scheduler, vae, val_cond, val.masks, s) for s in args.eval_steps}
                 history.append({"step": step + 1, **{f"val_mask_iou@{s}": v for s, v in iou.items()}})
+                pointer_note = ""
+                if dit.pointer:
+                    acc = pointer_accuracy(dit, val_cond, val_pointer_targets)
+                    history[-1]["val_pointer_accuracy"] = acc
+                    pointer_note = f"; pointer on the referred patch {100 * acc:.1f}%"
                 log.info(f"step {step + 1}: val mask IoU (EMA) "
-                         + ", ".join(f"{s} steps {v:.4f}" for s, v in iou.items()))
+                         + ", ".join(f"{s} steps {v:.4f}" for s, v in iou.items()) + pointer_note)
                 score = iou[args.eval_steps[0]]
                 if score > best:  # keep the EMA weights with the best val mask IoU
                     best = score
@@ -198,6 +223,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--conditioning", default="tokens", choices=["pooled", "tokens"],
                    help="pooled: the paper's adaLN-Zero on pooled embeddings; tokens: + cross-attention")
     p.add_argument("--preset", default="embedded", choices=sorted(PROMPT_DIT_PRESETS))
+    p.add_argument("--context-layers", type=int, default=3,
+                   help="tokens conditioning: transformer layers over the joint condition tokens, with a "
+                        "pointer head trained to find the referred patch (0 = off, the cross-attention-only DiT)")
+    p.add_argument("--pointer-loss-weight", type=float, default=1.0,
+                   help="weight of the pointer head's cross-entropy next to the denoising MSE")
     p.add_argument("--output", default="checkpoints/prompt_dit")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
@@ -208,7 +238,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="what the DiT predicts (the paper: epsilon)")
     p.add_argument("--clip-sample", type=float, default=3.0,
                    help="DDIM clips its x0 estimate to [-r, r] (latents have unit std); 0 = off")
-    p.add_argument("--eval-every", type=int, default=500, help="steps between val mask IoU checks (best kept)")
+    p.add_argument("--eval-every", type=int, default=1000, help="steps between val mask IoU checks (best kept)")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[25, 5], help="DDIM step counts to validate")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

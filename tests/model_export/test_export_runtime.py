@@ -117,6 +117,31 @@ def test_damaged_artifacts_give_a_clear_error_naming_the_file(artifacts, tmp_pat
         GroundingRuntime.load(d, CPU)
 
 
+def test_condition_encoder_feeds_the_denoiser_the_dits_prepared_conditions(artifacts):
+    """The DiT's condition-only part (context layers, pointer) runs once per query in the
+    condition encoder; the denoiser, run at every DDIM step, takes its outputs."""
+    manifest = json.loads((artifacts / "tiny-5steps" / MANIFEST_FILE).read_text())
+    produced = [o["name"] for o in manifest["graphs"]["condition_encoder"]["outputs"]]
+    taken = [i["name"] for i in manifest["graphs"]["denoiser"]["inputs"]]
+    assert produced == manifest["denoiser_conditions"] == ["image_embed", "text_embed", "context", "key_bias", "maps"]
+    assert taken == ["latents", "timesteps", *produced]
+
+
+def test_pooled_conditioning_pipeline_exports_and_matches_pytorch(tiny_pooled_pipeline_dir, tmp_path):
+    pipeline_dir = tiny_pooled_pipeline_dir
+    assert main(build_parser().parse_args(["--pipeline", str(pipeline_dir), "--steps", "3", "--out",
+                                           str(tmp_path / "art"), "--name", "p", "--threads", "1",
+                                           "--no-progress"])) == 0
+    runtime = GroundingRuntime.load(tmp_path / "art" / "p-3steps", CPU)
+    assert runtime.manifest["denoiser_conditions"] == ["image_embed", "text_embed"]
+    pipeline = DiffPromptPipeline.from_pretrained(pipeline_dir, steps=3)
+    pixels, ids, mask = _batch(pipeline, 2)
+    got = runtime.ground(pixels.numpy(), ids, mask, [1, 2])
+    out, _ = pipeline(pixels, torch.from_numpy(ids), torch.from_numpy(mask), [1, 2])
+    np.testing.assert_allclose(got.boxes, out.pred_boxes.numpy(), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(got.scores, torch.sigmoid(out.logits[..., 0]).numpy(), rtol=1e-3, atol=1e-5)
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         validate_artifact(tmp_path / "nowhere")

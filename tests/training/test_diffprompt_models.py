@@ -12,7 +12,7 @@ from training.models.diffprompt import DiffPromptPipeline, foundation_conditions
 from training.models.grounding import GROUNDING_PRESETS, GroundingModel
 from training.models.mask_vae import build_mask_vae, decode_latents, encode_masks, load_mask_vae, mask_iou
 from training.models.preprocess import mask_from_input_frame, mask_to_input_frame
-from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
+from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
 from training.models.prompt_learners import METHODS, PromptLearner, prompted_forward
 from training.models.prompt_sampler import (
     initial_noise,
@@ -105,7 +105,10 @@ class _OracleDiT(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.config = argparse.Namespace(latent_channels=x0.shape[1], latent_size=x0.shape[-1])
 
-    def forward(self, x, t, **_):
+    def prepare_conditions(self, **conditions):  # the sampler's interface (PromptDiT)
+        return conditions
+
+    def denoise(self, x, t, prepared):
         a = self.sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
         return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
 
@@ -123,10 +126,11 @@ def test_ddim_with_an_oracle_denoiser_returns_x0(steps):
 # ----------------------------------------------------------------------------- DiT
 
 
-def _dit(conditioning: str) -> PromptDiT:
+def _dit(conditioning: str, context_layers: int = 0) -> PromptDiT:
     torch.manual_seed(0)
     dit = PromptDiT(conditioning=conditioning, latent_size=8, image_embed_dim=32, text_embed_dim=32,
-                    image_token_dim=32, text_token_dim=32, image_grid=8, **PROMPT_DIT_PRESETS["baby"])
+                    image_token_dim=32, text_token_dim=32, image_grid=8, context_layers=context_layers,
+                    **PROMPT_DIT_PRESETS["baby"])
     for p in dit.parameters():  # leave the zero-init so outputs depend on inputs
         p.data.add_(torch.randn_like(p) * 0.05)
     return dit.eval()
@@ -148,9 +152,9 @@ def test_dit_starts_as_zero_predictor():
     assert out.shape == (2, 4, 8, 8) and out.abs().max() == 0  # adaLN-Zero + zero output layer
 
 
-@pytest.mark.parametrize("conditioning", ["pooled", "tokens"])
-def test_dit_batch_equals_single(conditioning):
-    dit = _dit(conditioning)
+@pytest.mark.parametrize("conditioning,context_layers", [("pooled", 0), ("tokens", 0), ("tokens", 2)])
+def test_dit_batch_equals_single(conditioning, context_layers):
+    dit = _dit(conditioning, context_layers)
     x, t, cond = torch.randn(3, 4, 8, 8), torch.tensor([1, 40, 99]), _cond(3)
     with torch.no_grad():
         full = dit(x, t, **cond)
@@ -159,8 +163,9 @@ def test_dit_batch_equals_single(conditioning):
             torch.testing.assert_close(one[0], full[i], atol=1e-5, rtol=1e-5)
 
 
-def test_dit_token_conditioning_ignores_padding_and_needs_tokens():
-    dit = _dit("tokens")
+@pytest.mark.parametrize("context_layers", [0, 2])
+def test_dit_token_conditioning_ignores_padding_and_needs_tokens(context_layers):
+    dit = _dit("tokens", context_layers)
     x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([10]), _cond(1)
     with torch.no_grad():
         ref = dit(x, t, **cond)
@@ -173,6 +178,69 @@ def test_dit_token_conditioning_ignores_padding_and_needs_tokens():
         assert not torch.allclose(dit(x, t, **cond), ref)
         with pytest.raises(ValueError, match="image_tokens"):
             dit(x, t, image_embed=cond["image_embed"], text_embed=cond["text_embed"])
+
+
+@pytest.mark.parametrize("conditioning,context_layers", [("pooled", 0), ("tokens", 0), ("tokens", 2)])
+def test_dit_forward_is_prepare_then_denoise(conditioning, context_layers):
+    """The sampler computes the condition part once (prepare_conditions) and calls denoise per
+    step; the exported denoiser graph calls forward. Both must give the same output."""
+    dit = _dit(conditioning, context_layers)
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([3, 77]), _cond(2)
+    if conditioning == "pooled":
+        cond = {k: cond[k] for k in ("image_embed", "text_embed")}
+    with torch.no_grad():
+        torch.testing.assert_close(dit.denoise(x, t, dit.prepare_conditions(**cond)), dit(x, t, **cond))
+
+
+def test_pointer_head_scores_every_patch_and_ignores_the_noisy_latents():
+    dit = _dit("tokens", context_layers=2)
+    cond = _cond(2)
+    with torch.no_grad():
+        out, logits = dit(torch.randn(2, 4, 8, 8), torch.tensor([3, 77]), **cond, return_pointer=True)
+        _, again = dit(torch.randn(2, 4, 8, 8), torch.tensor([50, 1]), **cond, return_pointer=True)
+    assert out.shape == (2, 4, 8, 8) and logits.shape == (2, 64)
+    torch.testing.assert_close(logits, again)  # a function of the conditions only
+    with pytest.raises(ValueError, match="context_layers"):
+        _dit("tokens")(torch.randn(1, 4, 8, 8), torch.tensor([3]), **_cond(1), return_pointer=True)
+    with pytest.raises(ValueError, match="context_layers needs conditioning='tokens'"):
+        PromptDiT(conditioning="pooled", context_layers=1)
+
+
+def test_pointer_head_learns_to_find_the_referred_patch():
+    """The pointer's cross-entropy alone trains the context layers to pick the patch whose image
+    token carries a marker feature, which random weights do at chance (1/64)."""
+    torch.manual_seed(0)
+    dit = PromptDiT(conditioning="tokens", latent_size=8, image_embed_dim=32, text_embed_dim=32, image_token_dim=32,
+                    text_token_dim=32, image_grid=8, context_layers=2, **PROMPT_DIT_PRESETS["baby"])
+    opt = torch.optim.AdamW(dit.parameters(), lr=3e-3)
+
+    def batch(seed):
+        cond = _cond(32, seed)
+        target = torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(seed))
+        cond["image_tokens"][torch.arange(32), 1 + target, 0] += 4.0
+        return cond, target
+
+    x, t = torch.zeros(32, 4, 8, 8), torch.zeros(32, dtype=torch.long)
+    for step in range(150):
+        cond, target = batch(step)
+        _, logits = dit(x, t, **cond, return_pointer=True)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cond, target = batch(10_000)
+    with torch.no_grad():
+        _, logits = dit(x, t, **cond, return_pointer=True)
+    assert (logits.argmax(1) == target).float().mean() > 0.8
+
+
+def test_referred_patch_is_the_cell_of_the_mask_centroid():
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[0, 0:4, 0:4] = True  # top-left cell of an 8x8 grid
+    masks[1, 28:32, 20:24] = True  # row 7, column 5
+    masks[2, 10:14, 2:30] = True  # a wide bar: centroid x 16 -> column 4, y 12 -> row 3
+    assert referred_patch(masks, 8).tolist() == [0, 7 * 8 + 5, 3 * 8 + 4]
+    assert referred_patch(masks, 4).tolist() == [0, 3 * 4 + 2, 1 * 4 + 2]
 
 
 def test_dit_rejects_unknown_conditioning():

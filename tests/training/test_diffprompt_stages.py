@@ -51,6 +51,8 @@ def test_stage2_saves_ema_weights_with_the_one_schedule(stages):
     sched = json.loads((root / "dit" / SCHEDULER_FILE).read_text())
     assert sched["num_train_timesteps"] == 100 and sched["prediction_type"] == "sample"
     assert s["dit"]["history"][-1]["step"] == 3 and "val_mask_iou@5" in s["dit"]["history"][-1]
+    assert 0.0 <= s["dit"]["history"][-1]["val_pointer_accuracy"] <= 1.0  # tokens default: pointer head on
+    assert json.loads((root / "dit" / "config.json").read_text())["context_layers"] == 3
 
 
 def test_stage3_writes_a_loadable_pipeline_with_relative_paths(stages):

@@ -87,9 +87,10 @@ def sample_prompt_latents(
     x = torch.from_numpy(initial_noise(seeds, shape)).to(device)  # (B, C, h, w)
     keep = kept_outputs(scheduler, steps, depth)
     scheduler.set_timesteps(steps)
+    prepared = dit.prepare_conditions(**conditions)  # the condition-only part, once for all steps
     outputs = []
     for t in scheduler.timesteps:
-        eps = dit(x, t.expand(x.shape[0]).to(device), **conditions)
+        eps = dit.denoise(x, t.expand(x.shape[0]).to(device), prepared)
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample  # (B, C, h, w)
         outputs.append(x)
     return torch.stack([outputs[i] for i in keep], dim=1)  # (B, depth, C, h, w)
