@@ -78,9 +78,7 @@ def pointer_accuracy(dit: PromptDiT, cond: dict, targets: torch.Tensor, batch_si
     hits = []
     for lo in range(0, len(targets), batch_size):
         c = {k: v[lo: lo + batch_size] for k, v in cond.items()}
-        B = len(c["image_embed"])
-        latents = torch.zeros(B, dit.config.latent_channels, dit.config.latent_size, dit.config.latent_size)
-        _, logits = dit(latents, torch.zeros(B, dtype=torch.long), **c, return_pointer=True)  # pointer ignores x_t, t
+        logits = dit.prepare_conditions(**c)["pointer_logits"]  # (B, P): the condition-only part, no DiT blocks
         hits.append(logits.argmax(1) == targets[lo: lo + batch_size])
     return float(torch.cat(hits).float().mean())
 

@@ -79,7 +79,7 @@ def sample_prompt_latents(
     """DDIM (eta = 0) from seeded noise; -> kept latents (B, depth, C, h, w), shallowest layer first.
 
     conditions: the keyword inputs of the DiT besides latents/timesteps (image_embed, text_embed,
-    and for tokens conditioning image_tokens, text_tokens, text_mask).
+    and for tokens conditioning image_tokens, text_tokens, text_mask, patch_scores).
     """
     cfg = dit.config
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
