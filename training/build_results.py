@@ -39,6 +39,12 @@ class Job:
     conditioning: str | None = None  # Diff-Prompt's DiT
     depth: int = 9
     eval_steps: list[int] = field(default_factory=lambda: [25])  # DDIM steps evaluated (Diff-Prompt)
+    mask_input: str = "standardize"  # Diff-Prompt adapters' input; "tanh" rows are an ablation
+
+    @property
+    def main_row(self) -> bool:
+        """Part of the main table (not a depth or adapter-input ablation)."""
+        return self.depth == 9 and self.mask_input == "standardize"
 
     @property
     def row(self) -> str:
@@ -48,7 +54,8 @@ class Job:
 def plan(seeds: list[int], depths: list[int], ablation_steps: list[int],
          tower_layers: tuple[int, int] = (6, 3)) -> list[Job]:
     """Every job of the table. A depth whose capped layout (image layers, text layers) equals
-    depth 9's is the main run already and gets no job of its own."""
+    depth 9's is the main run already and gets no job of its own. The adapter-input ablation
+    (tanh of the mask logits instead of standardised masks) runs for every seed."""
     jobs = [Job("foundation", "foundation")]
     for seed in seeds:
         for method in BASELINES:
@@ -60,6 +67,7 @@ def plan(seeds: list[int], depths: list[int], ablation_steps: list[int],
     for depth in depths:
         if layout(depth) != layout(9):
             jobs.append(Job(f"diffprompt-tokens-depth{depth}-s{seeds[0]}", "diffprompt", seeds[0], "tokens", depth))
+    jobs += [Job(f"diffprompt-tokens-tanh-s{seed}", "diffprompt", seed, "tokens", mask_input="tanh") for seed in seeds]
     return jobs
 
 
@@ -87,7 +95,7 @@ def run_job(job: Job, cfg: dict) -> dict:
                 "--threads", str(cfg["threads"]), "--eval-every", "0", "--no-progress",
                 "--mask-cache", str(Path(cfg["work_dir"]) / "mask_cache")]
         if job.conditioning:
-            argv += ["--prompt-dit", cfg[f"dit_{job.conditioning}"]]
+            argv += ["--prompt-dit", cfg[f"dit_{job.conditioning}"], "--mask-input", job.mask_input]
         summary = train(build_parser().parse_args(argv))
         summary = {"trainable_parameters": summary["trainable_parameters"], "train_seconds": summary["seconds"]}
         pipeline = DiffPromptPipeline.from_pretrained(out / "model")
@@ -117,7 +125,7 @@ def aggregate(results: list[dict]) -> dict:
     table: dict = {}
     for r in results:
         job = Job(**r["job"])
-        if job.depth != 9:
+        if not job.main_row:
             continue
         for steps, splits in r["eval"].items():
             for split, metrics in splits.items():
@@ -162,13 +170,23 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
     lines += ["", f"### Ablation: prompt depth (token conditioning, 25 DDIM steps, seed {seeds[0]})", "",
               "| depth (image / text layers) | trainable params | val R@1 | testA R@1 | testB R@1 |",
               "|---|---|---|---|---|"]
-    for r in sorted((r for r in results if r["job"]["conditioning"] == "tokens" and r["job"]["seed"] == seeds[0]),
-                    key=lambda r: r["job"]["depth"]):
+    for r in sorted((r for r in results if r["job"]["conditioning"] == "tokens" and r["job"]["seed"] == seeds[0]
+                     and r["job"].get("mask_input", "standardize") == "standardize"), key=lambda r: r["job"]["depth"]):
         d = r["job"]["depth"]
         ev = r["eval"]["25"]
         same = " = depth 6 (the image tower has 6 layers)" if d == 9 else ""
         lines.append(f"| {d} ({min(d, 6)} / {min(d, 3)}){same} | {r['trainable_parameters']:,} | "
                      + " | ".join(f"{100 * ev[sp]['R@1']:.2f}" for sp in SPLITS) + " |")
+
+    lines += ["", "### Ablation: the adapters' mask input (token conditioning, depth 9, 25 DDIM steps)", "",
+              "| mask input | val R@1 | testA R@1 | testB R@1 | mean(testA, testB) R@1 |", "|---|---|---|---|---|"]
+    for mask_input, label in (("standardize", "standardised per mask (default)"), ("tanh", "tanh of the logits")):
+        runs = [r["eval"]["25"] for r in results if r["job"]["conditioning"] == "tokens" and r["job"]["depth"] == 9
+                and r["job"].get("mask_input", "standardize") == mask_input]
+        if runs:
+            mean_ab = [(ev["testA"]["R@1"] + ev["testB"]["R@1"]) / 2 for ev in runs]
+            lines.append(f"| {label} | " + " | ".join(_stat([ev[sp]["R@1"] for ev in runs]) for sp in SPLITS)
+                         + f" | {_stat(mean_ab)} |")
 
     # acceptance checks
     checks = {}
@@ -354,7 +372,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--from-scratch", action="store_true", help="train the Mask-VAE and both DiTs into --work-dir first")
     p.add_argument("--data-dir", default="data/synthetic")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=1, help="stage-3 epochs, the same for every method")
+    p.add_argument("--epochs", type=int, default=2, help="stage-3 epochs, the same for every method")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6, 9], help="depth ablation (seed 0)")
     p.add_argument("--ablation-steps", type=int, nargs="+", default=[5, 10, 25], help="DDIM steps ablation")
     p.add_argument("--only", nargs="*", default=[], help="run only jobs whose name starts with one of these")

@@ -38,7 +38,7 @@ from training.evaluation.rec import evaluate_samples, sample_seed
 from training.losses import DetectionTargets, detection_loss, match
 from training.models.diffprompt import DiffPromptPipeline, load_dit, write_pipeline_file
 from training.models.mask_vae import load_mask_vae
-from training.models.prompt_learners import METHODS, PromptLearner, prompted_forward
+from training.models.prompt_learners import MASK_INPUTS, METHODS, PromptLearner, prompted_forward
 from training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
 from training.utils.checkpoint import save_checkpoint
 from training.utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
@@ -96,6 +96,7 @@ def main(args: argparse.Namespace) -> dict:
     extra = {}
     if args.method == "diffprompt":  # the adapters read masks of the Mask-VAE's size
         extra["mask_size"] = json.loads((Path(args.mask_vae) / "config.json").read_text())["sample_size"]
+        extra["mask_input"] = args.mask_input
     learner = PromptLearner.for_foundation(foundation, args.method, depth=args.depth, length=args.length, **extra)
     pipeline = DiffPromptPipeline(foundation, tokenizer, learner, steps=args.ddim_steps)
     if learner.needs_masks:
@@ -206,11 +207,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--ddim-steps", type=int, default=25, help="DDIM steps of the training masks (Diff-Prompt)")
     p.add_argument("--mask-cache", default=None,
                    help="keep the sampled training masks here and reuse them (same DiT, VAE, seed, steps, data)")
+    p.add_argument("--mask-input", default="standardize", choices=MASK_INPUTS,
+                   help="how Diff-Prompt's adapters read a decoded mask: standardised per mask, or tanh of its logits")
     p.add_argument("--depth", type=int, default=9, help="prompted layers from the input (capped per tower)")
     p.add_argument("--length", type=int, default=8, help="prompt tokens per layer")
     p.add_argument("--output", required=True)
-    p.add_argument("--epochs", type=int, default=1,
-                   help="passes over the train split (paper: 5 over RefCOCO; ours: 1 over 8000 synthetic expressions)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="passes over the train split (paper: 5 over RefCOCO; ours: 2 over 8000 synthetic expressions)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)

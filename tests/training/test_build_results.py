@@ -30,7 +30,10 @@ def test_plan_has_every_row_for_every_seed():
     assert "diffprompt-tokens-depth6-s0" not in names  # 6 image / 3 text layers: depth 6 is depth 9
     assert "diffprompt-tokens-depth6-s0" in {j.name for j in plan([0], [6], [25], tower_layers=(12, 12))}
     tokens = next(j for j in jobs if j.name == "diffprompt-tokens-s0")
-    assert tokens.eval_steps == [25, 10, 5]
+    assert tokens.eval_steps == [25, 10, 5] and tokens.mask_input == "standardize" and tokens.main_row
+    tanh = [j for j in jobs if j.mask_input == "tanh"]
+    assert {j.name for j in tanh} == {f"diffprompt-tokens-tanh-s{seed}" for seed in (0, 1, 2)}
+    assert not any(j.main_row for j in tanh)
 
 
 def test_report_means_spreads_and_checks():
@@ -39,6 +42,8 @@ def test_report_means_spreads_and_checks():
     for j in jobs:
         if j.method == "foundation":
             r1 = {"val": 0.30, "testA": 0.40, "testB": 0.20}
+        elif j.method == "diffprompt" and j.conditioning == "tokens" and j.mask_input == "tanh":
+            r1 = {"val": 0.35, "testA": 0.45, "testB": 0.25}  # the ablation stays out of the main rows
         elif j.method == "diffprompt" and j.conditioning == "tokens":
             r1 = {"val": 0.60, "testA": 0.60, "testB": 0.45 + 0.02 * j.seed}
         else:
@@ -54,6 +59,8 @@ def test_report_means_spreads_and_checks():
     assert checks["testB R@1 minus best baseline's (> 0)"] == pytest.approx(6.0)
     assert checks["5-step / 25-step mean(testA, testB) R@1 (>= 0.98)"] == pytest.approx(0.99)
     assert "diffprompt results --seeds 0 1" in report
+    assert "| tanh of the logits | 35.00 ± 0.00 | 45.00 ± 0.00 | 25.00 ± 0.00 | 35.00 ± 0.00 |" in report
+    assert "| standardised per mask (default) | 60.00 ± 0.00 | 60.00 ± 0.00 | 46.00 ± 1.41 | 53.00 ± 0.71 |" in report
 
 
 def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):

@@ -13,7 +13,7 @@ from training.models.grounding import GROUNDING_PRESETS, GroundingModel
 from training.models.mask_vae import build_mask_vae, decode_latents, encode_masks, load_mask_vae, mask_iou
 from training.models.preprocess import mask_from_input_frame, mask_to_input_frame
 from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
-from training.models.prompt_learners import METHODS, PromptLearner, prompted_forward
+from training.models.prompt_learners import MASK_INPUTS, METHODS, PromptLearner, prompted_forward, standardize_masks
 from training.models.prompt_sampler import (
     initial_noise,
     kept_outputs,
@@ -303,15 +303,56 @@ def test_diffprompt_needs_masks_and_an_even_length():
         PromptLearner(method="nope")
 
 
+def _blob_masks(centres: list[tuple[int, int]], size: int = 32) -> torch.Tensor:
+    """(B, 1, size, size) decoded-mask-like logits: -1 background, +1 on a 5x5 blob per centre."""
+    masks = -torch.ones(len(centres), 1, size, size)
+    for i, (row, col) in enumerate(centres):
+        masks[i, 0, row - 2: row + 3, col - 2: col + 3] = 1.0
+    return masks
+
+
+def test_standardized_masks_have_zero_mean_and_unit_variance_per_mask():
+    masks = torch.cat([_blob_masks([(8, 8)]) * 0.3 - 2.0, torch.randn(1, 1, 32, 32) * 5, -torch.ones(1, 1, 32, 32)])
+    z = standardize_masks(masks)
+    torch.testing.assert_close(z.mean((2, 3)), torch.zeros(3, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[:2].pow(2).mean((2, 3)), torch.ones(2, 1), atol=0.03, rtol=0)  # eps 1e-3 vs std 0.09
+    assert torch.equal(z[2], torch.zeros_like(z[2]))  # a flat mask carries nothing, and stays finite
+
+
+def test_standardized_adapter_reads_where_the_mask_is_not_its_logit_scale():
+    """The default adapter input: a blob's place moves the generated tokens, the decoder's logit scale does not."""
+    torch.manual_seed(0)
+    learner = PromptLearner.for_foundation(_foundation(), "diffprompt").eval()
+    assert learner.config.mask_input == "standardize"
+    tanh = PromptLearner.for_foundation(_foundation(), "diffprompt", mask_input="tanh").eval()
+    tanh.load_state_dict(learner.state_dict())  # same weights, other input
+    blob, moved = _blob_masks([(8, 8)]), _blob_masks([(24, 20)])
+    change = lambda adapter, other: ((adapter(other) - adapter(blob)).norm() / adapter(blob).norm()).item()  # noqa: E731
+    with torch.no_grad():
+        assert change(learner.vision_adapter, 3.0 * blob + 0.5) < 0.01
+        assert change(learner.text_adapter, 3.0 * blob + 0.5) < 0.01
+        assert change(learner.vision_adapter, moved) > 0.5
+        assert change(tanh.vision_adapter, 3.0 * blob + 0.5) > 0.05  # tanh: the scale leaks into the tokens
+
+
+def test_mask_input_is_checked():
+    assert MASK_INPUTS == ("standardize", "tanh")
+    with pytest.raises(ValueError, match="mask_input"):
+        PromptLearner(method="diffprompt", mask_input="sigmoid")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_learner_save_load_round_trip(method, tmp_path):
     f = _foundation()
-    learner = PromptLearner.for_foundation(f, method).eval()
+    kw = {"mask_input": "tanh"} if method == "diffprompt" else {}  # a non-default setting survives the trip
+    learner = PromptLearner.for_foundation(f, method, **kw).eval()
     for p in learner.parameters():
         p.data.add_(torch.randn_like(p) * 0.1)
     learner.save_pretrained(tmp_path)
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in tmp_path.iterdir())
     again = PromptLearner.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.config) == public(learner.config)
     pixels, ids = torch.randn(2, 3, 128, 128), torch.tensor([[5, 6, 39, 0], [7, 39, 0, 0]])
     mask = (ids > 0).long()
     masks = torch.randn(2, 1, 1, 32, 32) if learner.needs_masks else None
@@ -347,6 +388,25 @@ def _inputs(pipeline, n=3):
     ids, mask = tok(["the red circle", "the second star from the left", "the square left of the blue circle"][:n])
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, 3, 128, 128, generator=g), torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def test_pipeline_refuses_a_learner_saved_before_mask_input(tiny_pipeline_dir, tmp_path):
+    """Such a learner read tanh of its masks: loading it with today's default would change it silently."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_pipeline_dir, old)
+    for name in ("foundation", "vae", "dit"):  # pipeline.json points one level up
+        (tmp_path / name).symlink_to(tiny_pipeline_dir.parent / name)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["mask_input"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mask_input"):
+        DiffPromptPipeline.from_pretrained(old)
+    cfg["mask_input"] = "tanh"
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert DiffPromptPipeline.from_pretrained(old).learner.config.mask_input == "tanh"
 
 
 def test_pipeline_same_seed_same_result(tiny_pipeline):

@@ -77,6 +77,10 @@ class DiffPromptPipeline:
         foundation = load_grounding_model(foundation_dir).eval()
         tokenizer = QueryTokenizer.from_file(foundation_dir / TOKENIZER_FILE, foundation.config.max_text_length)
         learner = PromptLearner.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+        if learner.needs_masks and "mask_input" in learner.config.get("_use_default_values", []):
+            raise ValueError(f"{directory / 'config.json'} has no 'mask_input': it was saved before the adapters "
+                             "standardised their masks and reads tanh of the mask logits; add "
+                             '"mask_input": "tanh" to that file to load it with the input it was trained with')
         vae = dit = scheduler = None
         if learner.needs_masks:
             vae = load_mask_vae(resolve("mask_vae"))

@@ -14,10 +14,17 @@ One `PromptLearner` class, one `method` per row of the results table; all of the
 Prompt depth counts layers from the input; it is capped by each tower's depth (the embedded
 default: 6 image layers, 3 text layers; depth 9 -> 6 and 3).
 
-Diff-Prompt's adapters: the decoded mask of layer i (B, 1, m, m), squashed to [-1, 1] by tanh,
-goes through strided 3x3 convs (m -> m/8) and one linear map to L/2 tokens of the tower's width.
+Diff-Prompt's adapters: the decoded mask of layer i (B, 1, m, m) is standardised per mask (zero
+mean, unit variance over its pixels; `mask_input="tanh"` squashes the logits instead), then goes
+through strided 3x3 convs (m -> m/8) and one linear map to L/2 tokens of the tower's width.
 One adapter per modality, shared by the layers; the layers differ by their masks and their
 global prompts.
+
+Why standardise: a generated mask is a small blob (logits near +1) on a flat background (near
+-1), so after tanh the blob moves few of the convs' inputs and its position barely changes the
+tokens; stage 3 then learns to ignore the mask (docs/results.md, "Stage 3 and the REC table").
+Standardised, the blob stands out by sqrt((1 - a) / a) for a blob covering a fraction a of the
+mask, whatever the decoder's logit scale.
 """
 
 from __future__ import annotations
@@ -37,14 +44,23 @@ from training.models.grounding import (
 )
 
 METHODS = ("diffprompt", "vpt", "coop", "maple", "clip_adapter", "linear_probe")
+MASK_INPUTS = ("standardize", "tanh")  # how a Diff-Prompt adapter reads its decoded mask logits
+
+
+def standardize_masks(mask_logits: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """(B, 1, m, m) -> the same, each mask shifted and scaled to zero mean and unit variance."""
+    centred = mask_logits - mask_logits.mean(dim=(2, 3), keepdim=True)
+    return centred / (centred.pow(2).mean(dim=(2, 3), keepdim=True).sqrt() + eps)
 
 
 class MaskAdapter(nn.Module):
     """(B, 1, m, m) decoded mask logits -> (B, n_tokens, width)."""
 
-    def __init__(self, mask_size: int, n_tokens: int, width: int, channels: int = 32):
+    def __init__(self, mask_size: int, n_tokens: int, width: int, channels: int = 32, mask_input: str = "standardize"):
         super().__init__()
-        self.n_tokens, self.width = n_tokens, width
+        if mask_input not in MASK_INPUTS:
+            raise ValueError(f"mask_input must be one of {MASK_INPUTS}, got {mask_input!r}")
+        self.n_tokens, self.width, self.mask_input = n_tokens, width, mask_input
         self.convs = nn.Sequential(
             nn.Conv2d(1, channels // 2, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1), nn.GELU(),
@@ -53,7 +69,8 @@ class MaskAdapter(nn.Module):
         self.linear = nn.Linear(channels * (mask_size // 8) ** 2, n_tokens * width)
 
     def forward(self, mask_logits: torch.Tensor) -> torch.Tensor:
-        h = self.convs(torch.tanh(mask_logits))  # (B, c, m/8, m/8)
+        x = standardize_masks(mask_logits) if self.mask_input == "standardize" else torch.tanh(mask_logits)
+        h = self.convs(x)  # (B, c, m/8, m/8)
         return self.linear(h.flatten(1)).view(-1, self.n_tokens, self.width)
 
 
@@ -84,12 +101,15 @@ class PromptLearner(ModelMixin, ConfigMixin):
         depth: int = 9,  # paper default; capped per tower
         length: int = 8,  # tokens per layer; Diff-Prompt: L/2 generated + L/2 global
         mask_size: int = 32,  # decoded mask side (Diff-Prompt)
+        mask_input: str = "standardize",  # Diff-Prompt adapters' input: see MASK_INPUTS
         adapter_ratio: float = 0.2,  # CLIP-Adapter
         query_width: int = 128,  # projected query embedding (CLIP-Adapter)
     ):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if mask_input not in MASK_INPUTS:
+            raise ValueError(f"mask_input must be one of {MASK_INPUTS}, got {mask_input!r}")
         if method == "diffprompt" and length % 2:
             raise ValueError(f"Diff-Prompt splits the prompt length in halves: length must be even, got {length}")
         self.vision_depth = min(depth, vision_layers) if method in ("diffprompt", "vpt", "maple") else 0
@@ -97,8 +117,8 @@ class PromptLearner(ModelMixin, ConfigMixin):
         init = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)
         if method == "diffprompt":
             half = length // 2
-            self.vision_adapter = MaskAdapter(mask_size, half, vision_width)
-            self.text_adapter = MaskAdapter(mask_size, half, text_width)
+            self.vision_adapter = MaskAdapter(mask_size, half, vision_width, mask_input=mask_input)
+            self.text_adapter = MaskAdapter(mask_size, half, text_width, mask_input=mask_input)
             self.vision_global = init(self.vision_depth, half, vision_width)
             self.text_global = init(self.text_depth, half, text_width)
         elif method == "vpt":
