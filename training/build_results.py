@@ -7,8 +7,9 @@
 Every job (train one method with one seed, then evaluate it on val / testA / testB) writes
 `{work-dir}/{job}/results.json`; a rerun skips finished jobs, so an interrupted build resumes
 where it stopped. At the end the command writes the report (markdown tables with mean and
-spread over seeds, trainable parameter counts, ablations of prompt depth and DDIM steps, the
-acceptance checks), its JSON, a plot of the table and a picture of generated masks.
+spread over seeds, trainable parameter counts, ablations of prompt depth, DDIM steps and the
+adapters' mask input, the acceptance checks), its JSON, a plot of the table and a picture of
+generated masks. All 27 jobs take about 55 min with `--jobs 2 --threads 1` on 2 CPU cores.
 """
 
 from __future__ import annotations
