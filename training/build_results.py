@@ -171,9 +171,10 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
     lines += ["", f"### Ablation: prompt depth (token conditioning, 25 DDIM steps, seed {seeds[0]})", "",
               "| depth (image / text layers) | trainable params | val R@1 | testA R@1 | testB R@1 |",
               "|---|---|---|---|---|"]
-    for r in sorted((r for r in results if r["job"]["conditioning"] == "tokens" and r["job"]["seed"] == seeds[0]
-                     and r["job"].get("mask_input", "standardize") == "standardize"), key=lambda r: r["job"]["depth"]):
-        d = r["job"]["depth"]
+    tokens_runs = [(job, r) for job, r in ((Job(**r["job"]), r) for r in results) if job.conditioning == "tokens"]
+    depth_runs = [(job, r) for job, r in tokens_runs if job.seed == seeds[0] and job.mask_input == "standardize"]
+    for job, r in sorted(depth_runs, key=lambda jr: jr[0].depth):
+        d = job.depth
         ev = r["eval"]["25"]
         same = " = depth 6 (the image tower has 6 layers)" if d == 9 else ""
         lines.append(f"| {d} ({min(d, 6)} / {min(d, 3)}){same} | {r['trainable_parameters']:,} | "
@@ -182,8 +183,7 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
     lines += ["", "### Ablation: the adapters' mask input (token conditioning, depth 9, 25 DDIM steps)", "",
               "| mask input | val R@1 | testA R@1 | testB R@1 | mean(testA, testB) R@1 |", "|---|---|---|---|---|"]
     for mask_input, label in (("standardize", "standardised per mask (default)"), ("tanh", "tanh of the logits")):
-        runs = [r["eval"]["25"] for r in results if r["job"]["conditioning"] == "tokens" and r["job"]["depth"] == 9
-                and r["job"].get("mask_input", "standardize") == mask_input]
+        runs = [r["eval"]["25"] for job, r in tokens_runs if job.depth == 9 and job.mask_input == mask_input]
         if runs:
             mean_ab = [(ev["testA"]["R@1"] + ev["testB"]["R@1"]) / 2 for ev in runs]
             lines.append(f"| {label} | " + " | ".join(_stat([ev[sp]["R@1"] for ev in runs]) for sp in SPLITS)
