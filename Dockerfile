@@ -9,7 +9,7 @@
 # Stage `export` (python + the CPU torch wheel + `.[train]`) exports the committed pipeline
 # checkpoint to ONNX artifacts with a fixed DDIM step count each. The runtime stage installs only
 # the serving requirements (no torch) into a venv, copies the code and the artifacts, and runs
-# `python -m service` as a non-root user.
+# `python -m diffprompt.service` as a non-root user.
 #
 # tests/deploy/test_deploy_dockerfile.py runs hadolint on this file and replays the runtime stage's pip
 # install lines (from this file) in a fresh venv, then serves a tiny artifact from that venv.
@@ -134,4 +134,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('DIFFPROMPT_PORT', '8000'), timeout=4)"]
 
 STOPSIGNAL SIGTERM
-CMD ["python", "-m", "service"]
+CMD ["python", "-m", "diffprompt.service"]

@@ -51,7 +51,7 @@ evaluate: setup
 
 # The export step needs torch (the train extra); the server itself never imports it.
 serve: setup $(ARTIFACT)/manifest.json
-	DIFFPROMPT_ARTIFACT_DIR=$(ARTIFACT) $(PY) -m service --host $(HOST) --port $(PORT)
+	DIFFPROMPT_ARTIFACT_DIR=$(ARTIFACT) $(PY) -m diffprompt.service --host $(HOST) --port $(PORT)
 
 $(ARTIFACT)/manifest.json: | setup
 	@test -d $(PIPELINE) || { echo "$(PIPELINE) is missing: train it first (diffprompt train-prompts), or set PIPELINE=..." >&2; exit 1; }

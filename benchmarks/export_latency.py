@@ -25,9 +25,9 @@ STAGES = ("condition", "sampler", "prompt_builder", "grounding")
 
 def torch_stages(pipeline, pixels, ids, mask, seeds) -> dict[str, float]:
     """One eager request, timed per stage (the stage split of model_export.runtime)."""
-    from training.models.diffprompt import foundation_conditions
-    from training.models.mask_vae import decode_latents
-    from training.models.prompt_sampler import sample_prompt_latents
+    from diffprompt.training.models.diffprompt import foundation_conditions
+    from diffprompt.training.models.mask_vae import decode_latents
+    from diffprompt.training.models.prompt_sampler import sample_prompt_latents
 
     f, learner = pipeline.foundation, pipeline.learner
     with torch.no_grad():
@@ -53,13 +53,13 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def run(args) -> dict:
-    from model_export.export import export_pipeline
-    from model_export.providers import ProviderConfig
-    from model_export.runtime import GroundingRuntime
-    from training.data.grounding_dataset import load_pixels
-    from training.data.mdetr import load_mdetr
-    from training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
-    from training.models.tokenizer import TOKENIZER_FILE
+    from diffprompt.core.providers import ProviderConfig
+    from diffprompt.core.runtime import GroundingRuntime
+    from diffprompt.core.tokenizer import TOKENIZER_FILE
+    from diffprompt.model_export.export import export_pipeline
+    from diffprompt.training.data.grounding_dataset import load_pixels
+    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
 
     torch.set_num_threads(args.threads)
     pipeline = DiffPromptPipeline.from_pretrained(args.pipeline)

@@ -2,7 +2,7 @@
 
     python benchmarks/load_service.py --artifact artifacts/diffprompt-5steps --out runs/load_service.json
 
-Starts the real server (`python -m service`, one process) twice on a free 127.0.0.1 port: once with
+Starts the real server (`python -m diffprompt.service`, one process) twice on a free 127.0.0.1 port: once with
 batching on (max_batch_size 16, max_wait_ms 5) and once with it off (max_batch_size 1). For each,
 it drives POST /v1/ground (multipart, a 128 x 128 sample PNG, varying expressions and seeds) from
 `concurrency` closed-loop clients (1, 8 and 32 by default) until `--requests` have been answered or
@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m service` on a free loopback port with the given DIFFPROMPT_* settings."""
+    """`python -m diffprompt.service` on a free loopback port with the given DIFFPROMPT_* settings."""
 
     def __init__(self, artifact: Path, log_path: Path, **settings: object):
         self.port = free_port()
@@ -56,7 +56,7 @@ class Server:
         env.update({f"DIFFPROMPT_{k.upper()}": json.dumps(v) if isinstance(v, bool | list) else str(v)
                     for k, v in settings.items()})
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=self.log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffprompt.service"], cwd=REPO, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300.0) -> None:

@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module and is imported only when it runs, so a command
 pays only for the libraries it uses. `diffprompt COMMAND --help` shows the command's own
-options. The service has its own entry point (`python -m service`), which never imports torch.
+options. The service has its own entry point (`python -m diffprompt.service`), which never imports torch.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import importlib
 import sys
 
 # name -> (module with build_parser() and main(args), one-line description)
+P = "diffprompt."
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("training.data.synthetic.cli", "write synthetic splits (MDETR-style json + PNG) or a preview sheet"),
-    "pretrain": ("training.pretrain_foundation", "stage 0: pretrain the embedded-default foundation"),
-    "train-vae": ("training.train_mask_vae", "stage 1: train the Mask-VAE on referred-object masks"),
-    "train-dit": ("training.train_prompt_dit", "stage 2: train the DiT prompt generator on mask latents"),
-    "train-prompts": ("training.train_prompts", "stage 3 (or a baseline): train prompts on the frozen foundation"),
-    "evaluate": ("training.evaluate", "score a checkpoint on a split: R@1 / R@5 / UB per expression kind"),
-    "export": ("model_export.export", "export a pipeline to ONNX artifact directories (fixed DDIM step counts)"),
-    "results": ("training.build_results", "rebuild the whole results table from scratch (long)"),
+    "data": (P + "training.data.synthetic.cli", "write synthetic splits (MDETR-style json + PNG) or a preview sheet"),
+    "pretrain": (P + "training.pretrain_foundation", "stage 0: pretrain the embedded-default foundation"),
+    "train-vae": (P + "training.train_mask_vae", "stage 1: train the Mask-VAE on referred-object masks"),
+    "train-dit": (P + "training.train_prompt_dit", "stage 2: train the DiT prompt generator on mask latents"),
+    "train-prompts": (P + "training.train_prompts", "stage 3 (or a baseline): train prompts on the frozen foundation"),
+    "evaluate": (P + "training.evaluate", "score a checkpoint on a split: R@1 / R@5 / UB per expression kind"),
+    "export": (P + "model_export.export", "export a pipeline to ONNX artifact directories (fixed DDIM step counts)"),
+    "results": (P + "training.build_results", "rebuild the whole results table from scratch (long)"),
 }
 
 

@@ -8,8 +8,8 @@ Each directory is one deployable model with one fixed DDIM step count: the four 
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
 `tokenizer.json`, and `manifest.json` (model/graphs.py and manifest.py say what is in it).
 Every graph is checked with `onnx.checker` and run once in onnxruntime against PyTorch before
-the manifest is written; the directory appears atomically (written to a temporary sibling,
-then renamed).
+the manifest is written; the directory appears atomically (written to a staging sibling,
+then swapped in: diffprompt.core.files).
 """
 
 from __future__ import annotations
@@ -25,17 +25,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model_export.graphs import (
+from diffprompt.core.ddim import steps_from_table
+from diffprompt.core.files import replace_directory, staging_dir
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.core.manifest import (
+    MANIFEST_FILE,
+    GraphInfo,
+    Manifest,
+    SamplerInfo,
+    TensorInfo,
+    TokenizerInfo,
+    file_entry,
+)
+from diffprompt.core.tokenizer import TOKENIZER_FILE
+from diffprompt.model_export.graphs import (
     ConditionEncoder,
     Denoiser,
     Grounding,
     PromptBuilder,
     export_onnx,
 )
-from model_export.manifest import FORMAT_VERSION, MANIFEST_FILE, file_entry
-from training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
-from training.models.prompt_sampler import kept_outputs
-from training.models.tokenizer import TOKENIZER_FILE
+from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+from diffprompt.training.models.prompt_sampler import kept_outputs
 
 
 def schedule_table(scheduler, steps: int) -> list[dict]:
@@ -50,9 +61,9 @@ def schedule_table(scheduler, steps: int) -> list[dict]:
     return rows
 
 
-def _io(names: list[str], tensors) -> list[dict]:
-    return [{"name": n, "shape": ["batch", *t.shape[1:]], "dtype": str(t.dtype).replace("torch.", "")}
-            for n, t in zip(names, tensors)]
+def _io(names: list[str], tensors) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(n, ("batch", *t.shape[1:]), str(t.dtype).replace("torch.", ""))
+                 for n, t in zip(names, tensors))
 
 
 def _versions() -> dict:
@@ -92,12 +103,21 @@ def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
 def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
                     tokenizer_file: Path, progress: bool = True) -> Path:
     """Write one artifact directory; returns its path."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
+    try:
+        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_directory(tmp, out)
+
+
+def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str, tokenizer_file: Path,
+                    progress: bool) -> None:
+    """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
     foundation, learner = pipeline.foundation.eval(), pipeline.learner
     pixels, ids, mask = example_inputs(pipeline)
-    graphs: dict[str, dict] = {}
+    graphs: dict[str, GraphInfo] = {}
     diffs: dict[str, float] = {}
     jobs = []
     diffprompt = learner is not None and learner.needs_masks
@@ -137,45 +157,37 @@ def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, 
         with torch.no_grad():
             result = module(*example)
         result = result if isinstance(result, tuple) else (result,)
-        graphs[gname] = {"file": path.name, "inputs": _io(inputs, example), "outputs": _io(outputs, result)}
+        graphs[gname] = GraphInfo(path.name, _io(inputs, example), _io(outputs, result))
     shutil.copy(tokenizer_file, tmp / TOKENIZER_FILE)
 
     cfg = foundation.config
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "method": learner.config.method if learner is not None else "foundation",
-        "dtype": "float32",
-        "image": {"size": cfg.image_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std),
-                  "resize_mode": cfg.resize_mode, "num_patches": cfg.num_patches},
-        "tokenizer": {"file": TOKENIZER_FILE, "max_length": cfg.max_text_length},
-        "ddim_steps": steps if diffprompt else 0,
-        "graphs": graphs,
-        "export_max_abs_diff": diffs,
-    }
+    sampler = None
     if diffprompt:
         sched = pipeline.scheduler
-        manifest.update({
-            "conditioning": pipeline.dit.config.conditioning,
-            "denoiser_conditions": Denoiser(pipeline.dit).condition_names,
-            "latent_shape": [c.latent_channels, c.latent_size, c.latent_size],
-            "mask_size": pipeline.vae.config.sample_size,
-            "prediction_type": sched.config.prediction_type,
-            "clip_sample_range": float(sched.config.clip_sample_range) if sched.config.clip_sample else None,
-            "schedule": schedule_table(sched, steps),
-            "kept_outputs": kept_outputs(sched, steps, learner.mask_layers),
-            "prompt_depth": {"vision": learner.vision_depth, "text": learner.text_depth},
-            "prompt_length": learner.config.length,
-        })
-    manifest["files"] = {p.name: file_entry(p) for p in sorted(tmp.iterdir())}
-    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:12]
-    manifest["model_version"] = f"{name}-{digest}"
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+        sampler = SamplerInfo(
+            conditioning=pipeline.dit.config.conditioning,
+            denoiser_conditions=tuple(Denoiser(pipeline.dit).condition_names),
+            latent_shape=(c.latent_channels, c.latent_size, c.latent_size),
+            mask_size=pipeline.vae.config.sample_size,
+            prediction_type=sched.config.prediction_type,
+            clip_sample_range=float(sched.config.clip_sample_range) if sched.config.clip_sample else None,
+            schedule=tuple(steps_from_table(schedule_table(sched, steps))),
+            kept_outputs=tuple(kept_outputs(sched, steps, learner.mask_layers)),
+            prompt_depth={"vision": learner.vision_depth, "text": learner.text_depth},
+            prompt_length=learner.config.length,
+        )
+    files = {p.name: file_entry(p) for p in sorted(tmp.iterdir())}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    manifest = Manifest(
+        name=name, model_version=f"{name}-{digest}",
+        method=learner.config.method if learner is not None else "foundation",
+        image=ImageSpec.from_config(cfg), num_patches=cfg.num_patches,
+        tokenizer=TokenizerInfo(TOKENIZER_FILE, cfg.max_text_length),
+        ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
+        export_max_abs_diff=diffs,
+    )
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -201,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "
               f"max |onnxruntime - torch| {worst:.2e})")
         if args.triton:
-            from model_export.triton import write_triton_repository
+            from diffprompt.model_export.triton import write_triton_repository
 
             repo = write_triton_repository(out, Path(args.triton) / out.name, overwrite=True,
                                            instance_kind="KIND_CPU" if args.triton_cpu else "KIND_GPU")

@@ -24,11 +24,11 @@ import warnings
 import torch
 from torch import nn
 
-from training.models.diffprompt import foundation_conditions
-from training.models.grounding import GroundingModel
-from training.models.mask_vae import decode_latents
-from training.models.prompt_dit import PromptDiT
-from training.models.prompt_learners import PromptLearner, prompted_forward
+from diffprompt.training.models.diffprompt import foundation_conditions
+from diffprompt.training.models.grounding import GroundingModel
+from diffprompt.training.models.mask_vae import decode_latents
+from diffprompt.training.models.prompt_dit import PromptDiT
+from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 
 
 class ConditionEncoder(nn.Module):

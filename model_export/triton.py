@@ -1,15 +1,16 @@
 """An artifact directory -> an NVIDIA Triton Inference Server model repository.
 
-    python -m model_export.triton --artifact artifacts/diffprompt-5steps --out triton_repo [--cpu] [--tensorrt]
+    python -m diffprompt.model_export.triton --artifact artifacts/diffprompt-5steps --out triton_repo \
+        [--cpu] [--tensorrt]
 
     triton_repo/
       condition_encoder/  config.pbtxt  1/model.onnx     platform onnxruntime_onnx, dynamic batching
       denoiser/           config.pbtxt  1/model.onnx
       prompt_builder/     config.pbtxt  1/model.onnx
       grounding/          config.pbtxt  1/model.onnx
-      diffprompt/         config.pbtxt  1/model.py       Python backend (BLS): the runtime's pipeline,
-                                        1/ddim.py        calling the four models above, DDIM loop in
-                                        1/manifest.json  numpy (= model_export/runtime.py)
+      diffprompt/         config.pbtxt  1/model.py       Python backend (BLS): model_export/triton_model.py,
+                                        1/diffprompt/    the core's numpy pipeline (diffprompt.core.pipeline,
+                                        1/manifest.json  the one the onnxruntime service runs) over BLS calls
       README.md  tokenizer.json  manifest.json           for clients: models, command line, preprocessing
 
 A foundation or baseline artifact (only `grounding.onnx`) gives the `grounding` model alone.
@@ -27,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_export.manifest import MANIFEST_FILE, ArtifactError, validate_artifact
+from diffprompt.core.files import replace_directory, staging_dir
+from diffprompt.core.manifest import MANIFEST_FILE, ArtifactError, GraphInfo, Manifest, validate_artifact
 
 GRAPHS = ("condition_encoder", "denoiser", "prompt_builder", "grounding")
 BLS_MODEL = "diffprompt"
@@ -53,7 +55,7 @@ class TensorSpec:
 # -- reading the graphs -------------------------------------------------------------------------
 
 
-def graph_io(path: Path, graph: dict) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def graph_io(path: Path, graph: GraphInfo) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of one ONNX graph, in graph order, checked against its manifest entry."""
     import onnx
 
@@ -66,23 +68,23 @@ def graph_io(path: Path, graph: dict) -> tuple[list[TensorSpec], list[TensorSpec
               "outputs": list(model.graph.output)}
     result = []
     for side, onnx_values in values.items():
-        recorded = graph[side]
-        if [v.name for v in onnx_values] != [r["name"] for r in recorded]:
+        recorded = getattr(graph, side)
+        if [v.name for v in onnx_values] != [r.name for r in recorded]:
             raise ArtifactError(f"{path}: graph {side} {[v.name for v in onnx_values]} differ from the manifest's "
-                                f"{[r['name'] for r in recorded]}")
+                                f"{[r.name for r in recorded]}")
         result.append([_tensor_spec(path, v, r) for v, r in zip(onnx_values, recorded)])
     return result[0], result[1]
 
 
-def _tensor_spec(path: Path, value, recorded: dict) -> TensorSpec:
+def _tensor_spec(path: Path, value, recorded) -> TensorSpec:
     tensor = value.type.tensor_type
     data_type = ONNX_TO_TRITON.get(tensor.elem_type)
     if data_type is None:
         raise ArtifactError(f"{path}: {value.name} has ONNX element type {tensor.elem_type}, not supported here")
-    if DTYPE_TO_TRITON.get(recorded["dtype"]) != data_type:
-        raise ArtifactError(f"{path}: {value.name} is {data_type} in the graph, {recorded['dtype']} in the manifest")
+    if DTYPE_TO_TRITON.get(recorded.dtype) != data_type:
+        raise ArtifactError(f"{path}: {value.name} is {data_type} in the graph, {recorded.dtype} in the manifest")
     dims = list(tensor.shape.dim)
-    shape = recorded["shape"]
+    shape = recorded.shape
     if len(dims) != len(shape):
         raise ArtifactError(f"{path}: {value.name} has rank {len(dims)} in the graph, {len(shape)} in the manifest")
     if not dims or dims[0].HasField("dim_value"):
@@ -197,66 +199,75 @@ def write_triton_repository(artifact_dir: str | Path, out_dir: str | Path, max_b
     _check_options(max_batch_size, preferred_batch_sizes, max_queue_delay_us, instance_kind, tensorrt_accelerator)
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
     manifest = validate_artifact(artifact_dir)
-    graphs = manifest["graphs"]
-    diffprompt = "denoiser" in graphs
-    names = list(GRAPHS) if diffprompt else ["grounding"]
+    graphs = manifest.graphs
+    names = list(GRAPHS) if manifest.makes_masks else ["grounding"]
     if set(graphs) != set(names):
         raise ArtifactError(f"{artifact_dir}: graphs {sorted(graphs)}, expected {sorted(names)}")
-    io = {name: graph_io(artifact_dir / graphs[name]["file"], graphs[name]) for name in names}
-    bls = bls_io(io) if diffprompt else None
+    io = {name: graph_io(artifact_dir / graphs[name].file, graphs[name]) for name in names}
+    bls = bls_io(io) if manifest.makes_masks else None
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     try:
         _write(tmp, artifact_dir, manifest, io, bls, max_batch_size, tuple(preferred_batch_sizes),
                max_queue_delay_us, instance_kind, tensorrt_accelerator)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    return replace_directory(tmp, out_dir)
 
 
-def _write(tmp: Path, artifact_dir: Path, manifest: dict, io: dict, bls: tuple | None, max_batch_size: int,
+def _write(tmp: Path, artifact_dir: Path, manifest: Manifest, io: dict, bls: tuple | None, max_batch_size: int,
            preferred_batch_sizes: tuple[int, ...], max_queue_delay_us: int, instance_kind: str,
            tensorrt_accelerator: bool) -> None:
     """The repository's files under `tmp`."""
-    graphs = manifest["graphs"]
     batching = (max_batch_size, preferred_batch_sizes, max_queue_delay_us)
     for name in io:
         (tmp / name / VERSION).mkdir(parents=True)
-        shutil.copyfile(artifact_dir / graphs[name]["file"], tmp / name / VERSION / "model.onnx")
+        shutil.copyfile(artifact_dir / manifest.graphs[name].file, tmp / name / VERSION / "model.onnx")
         (tmp / name / "config.pbtxt").write_text(
             onnx_model_config(name, *io[name], *batching, instance_kind, tensorrt_accelerator))
     if bls is not None:
         version_dir = tmp / BLS_MODEL / VERSION
         version_dir.mkdir(parents=True)
-        (version_dir / "model.py").write_text(BLS_MODEL_PY)
-        shutil.copyfile(Path(__file__).with_name("ddim.py"), version_dir / "ddim.py")
+        shutil.copyfile(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
+        vendor_core(version_dir)
         shutil.copyfile(artifact_dir / MANIFEST_FILE, version_dir / MANIFEST_FILE)
-        (tmp / BLS_MODEL / "config.pbtxt").write_text(
-            bls_model_config(*bls, *batching, manifest.get("model_version", manifest.get("name", ""))))
-    tokenizer = manifest["tokenizer"]["file"]
+        (tmp / BLS_MODEL / "config.pbtxt").write_text(bls_model_config(*bls, *batching, manifest.model_version))
+    tokenizer = manifest.tokenizer.file
     if (artifact_dir / tokenizer).exists():
         shutil.copyfile(artifact_dir / tokenizer, tmp / tokenizer)
     shutil.copyfile(artifact_dir / MANIFEST_FILE, tmp / MANIFEST_FILE)
     (tmp / "README.md").write_text(repository_readme(manifest, io, bls, instance_kind, tensorrt_accelerator))
 
 
+# The numpy-only core modules the Python-backend model imports (diffprompt.core.pipeline and what it needs).
+VENDORED_CORE = ("ddim.py", "image_spec.py", "manifest.py", "pipeline.py")
+
+
+def vendor_core(version_dir: Path) -> None:
+    """Copy the package's numpy-only pipeline modules to <version_dir>/diffprompt/core/ for model.py."""
+    import diffprompt
+    import diffprompt.core
+
+    core = version_dir / "diffprompt" / "core"
+    core.mkdir(parents=True)
+    shutil.copyfile(diffprompt.__file__, version_dir / "diffprompt" / "__init__.py")
+    (core / "__init__.py").write_text('"""The numpy-only part of diffprompt.core, vendored for the Triton model."""\n')
+    for name in VENDORED_CORE:
+        shutil.copyfile(Path(diffprompt.core.__file__).with_name(name), core / name)
+
+
 def _signature(tensors: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{t.name} {t.data_type[5:]} {list(t.dims)}" for t in tensors)
 
 
-def repository_readme(manifest: dict, io: dict, bls: tuple | None, instance_kind: str, tensorrt: bool) -> str:
+def repository_readme(manifest: Manifest, io: dict, bls: tuple | None, instance_kind: str, tensorrt: bool) -> str:
     """<repo>/README.md: the models with their tensors (batch axis omitted) and the server command line."""
-    lines = [f"# Triton model repository: {manifest.get('model_version', manifest.get('name'))}", "",
-             "Written by `python -m model_export.triton` from a Diff-Prompt artifact "
-             f"(method {manifest.get('method')!r}, {manifest['ddim_steps']} DDIM steps). "
+    lines = [f"# Triton model repository: {manifest.model_version}", "",
+             "Written by `python -m diffprompt.model_export.triton` from a Diff-Prompt artifact "
+             f"(method {manifest.method!r}, {manifest.ddim_steps} DDIM steps). "
              f"ONNX instances: {instance_kind}" + (", TensorRT accelerator (FP16)." if tensorrt else "."), "",
              "| model | backend | inputs | outputs |", "|---|---|---|---|"]
     if bls is not None:
@@ -310,200 +321,6 @@ def main(args: argparse.Namespace) -> int:
     models = sorted(p.name for p in out.iterdir() if p.is_dir())
     print(f"wrote {out}: {', '.join(models)}\n  tritonserver --model-repository={out.resolve()}")
     return 0
-
-
-# -- the Python-backend model (written as <repo>/diffprompt/1/model.py) ---------------------------
-
-BLS_MODEL_PY = r'''"""Diff-Prompt grounding as a Triton Python-backend model (BLS), written by model_export/triton.py.
-
-One request row = one image, one tokenized expression and one seed:
-
-    pixel_values (3, S, S) float32, input_ids (T,) int64, attention_mask (T,) int64, seed (1,) int64
-    -> scores (P,) = sigmoid(logits), boxes (P, 4) cxcywh in [0, 1], mask_logits (m, m)
-
-`execute` concatenates the rows of the requests Triton batched together, runs the pipeline of
-model_export/runtime.py (`GroundingRuntime.ground`) over them in chunks of at most max_batch_size:
-
-    condition_encoder -> DDIM loop (one `denoiser` call per step, numpy update) -> prompt_builder -> grounding
-
-and splits the results back per request. The schedule, kept outputs, conditions, latent shape,
-prediction type and clip range come from manifest.json next to this file; ddim.py next to it is
-a copy of model_export/ddim.py. Everything above `TritonPythonModel` is numpy only: tests run it
-with onnxruntime sessions standing in for the BLS calls.
-"""
-
-from __future__ import annotations
-
-import importlib.util
-import json
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-
-try:
-    import triton_python_backend_utils as pb_utils
-except ImportError:  # outside Triton: only the numpy functions below are usable
-    pb_utils = None
-
-HERE = Path(__file__).resolve().parent
-INPUTS = ("pixel_values", "input_ids", "attention_mask", "seed")
-OUTPUTS = ("scores", "boxes", "mask_logits")
-
-
-def load_sibling(name: str):
-    """Import `<name>.py` from this directory under a module name private to this directory."""
-    module_name = f"_diffprompt_triton_{name}_{abs(hash(str(HERE)))}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-ddim = load_sibling("ddim")
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """What the numpy side of the pipeline needs from the artifact manifest."""
-
-    schedule: tuple  # ddim.DDIMStep per denoiser call
-    kept: tuple[int, ...]  # indices of the DDIM outputs handed to the prompt builder
-    conditions: tuple[str, ...]  # condition_encoder outputs the denoiser takes
-    latent_shape: tuple[int, ...]  # (C, h, w)
-    prediction_type: str
-    clip_sample_range: float | None
-    model_version: str
-
-
-def load_spec(manifest_path: str | Path = HERE / "manifest.json") -> PipelineSpec:
-    manifest = json.loads(Path(manifest_path).read_text())
-    schedule = tuple(ddim.steps_from_table(manifest["schedule"]))
-    if len(schedule) != int(manifest["ddim_steps"]):
-        raise ValueError(f"{manifest_path}: schedule has {len(schedule)} rows for {manifest['ddim_steps']} steps")
-    return PipelineSpec(schedule, tuple(int(i) for i in manifest["kept_outputs"]),
-                        tuple(manifest["denoiser_conditions"]), tuple(int(d) for d in manifest["latent_shape"]),
-                        manifest["prediction_type"], manifest["clip_sample_range"], manifest.get("model_version", ""))
-
-
-def initial_noise(seeds, shape: tuple[int, ...]) -> np.ndarray:
-    """(B, *shape) float32 standard normal, one PCG64 stream per seed (= model_export.runtime.initial_noise)."""
-    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in seeds])
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def run_pipeline(infer, spec: PipelineSpec, pixel_values: np.ndarray, input_ids: np.ndarray,
-                 attention_mask: np.ndarray, seeds) -> dict[str, np.ndarray]:
-    """One batch of B rows through the four models.
-
-    infer(model_name, {input name: array (B, ...)}, [output names]) -> [arrays (B, ...)], the BLS call.
-    pixel_values (B, 3, S, S) float32, input_ids / attention_mask (B, T) int64, seeds (B,)
-    -> {"scores": (B, P), "boxes": (B, P, 4), "mask_logits": (B, m, m)}, float32.
-    """
-    base = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
-    cond = dict(zip(spec.conditions, infer("condition_encoder", base, list(spec.conditions))))
-    x = initial_noise(seeds, spec.latent_shape)
-    kept = {}
-    for i, step in enumerate(spec.schedule):
-        t = np.full((len(x), 1), step.timestep, dtype=np.int64)  # config dims [1], reshaped to the graph's (B,)
-        (out,) = infer("denoiser", {"latents": x, "timesteps": t, **cond}, ["model_output"])
-        x = ddim.ddim_update(x, out, step, spec.prediction_type, spec.clip_sample_range)
-        if i in spec.kept:
-            kept[i] = x
-    kept_latents = np.ascontiguousarray(np.stack([kept[i] for i in spec.kept], axis=1))
-    vision, text, masks = infer("prompt_builder", {"kept_latents": kept_latents},
-                                ["vision_prompts", "text_prompts", "mask_logits"])
-    logits, boxes = infer("grounding", {**base, "vision_prompts": vision, "text_prompts": text}, ["logits", "boxes"])
-    return {"scores": sigmoid(logits).astype(np.float32), "boxes": np.asarray(boxes, dtype=np.float32),
-            "mask_logits": np.ascontiguousarray(masks[:, 0, 0], dtype=np.float32)}  # shallowest layer = final x0
-
-
-def check_request(arrays: dict[str, np.ndarray]) -> int:
-    """Rows of one request's inputs {name: (b, ...)}; ValueError if they disagree or a seed is not (b, 1)."""
-    rows = {name: len(arrays[name]) for name in INPUTS}
-    if len(set(rows.values())) != 1:
-        raise ValueError(f"inputs have different batch sizes: {rows}")
-    if arrays["seed"].shape != (rows["seed"], 1):
-        raise ValueError(f"seed must have shape (batch, 1), got {arrays['seed'].shape}")
-    return rows["seed"]
-
-
-def run_batched(infer, spec: PipelineSpec, requests: list[dict[str, np.ndarray]],
-                max_batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Concatenate the requests' rows, run `run_pipeline` in chunks of <= max_batch_size, split per request."""
-    sizes = [check_request(r) for r in requests]
-    batch = {name: np.concatenate([r[name] for r in requests]) for name in INPUTS}
-    chunks = []
-    for start in range(0, len(batch["seed"]), max_batch_size):
-        rows = slice(start, start + max_batch_size)
-        chunks.append(run_pipeline(infer, spec, batch["pixel_values"][rows], batch["input_ids"][rows],
-                                   batch["attention_mask"][rows], batch["seed"][rows, 0]))
-    outputs = {name: np.concatenate([c[name] for c in chunks]) for name in OUTPUTS}
-    bounds = np.cumsum([0, *sizes])
-    return [{name: outputs[name][a:b] for name in OUTPUTS} for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-class TritonPythonModel:
-    """Triton's entry points: read the manifest once, then one pipeline run per batch of requests."""
-
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        self.max_batch_size = max(1, int(config.get("max_batch_size", 0)))
-        self.spec = load_spec(HERE / "manifest.json")
-
-    def infer(self, model_name: str, inputs: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
-        """One BLS call; outputs requested in CPU memory (Triton >= 23.04), errors raised."""
-        options = {}
-        if hasattr(pb_utils, "PreferredMemory"):
-            options["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-        request = pb_utils.InferenceRequest(
-            model_name=model_name, requested_output_names=list(output_names),
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(array)) for name, array in inputs.items()], **options)
-        response = request.exec()
-        if response.has_error():
-            raise RuntimeError(f"BLS call to {model_name}: {response.error().message()}")
-        arrays = []
-        for name in output_names:
-            tensor = pb_utils.get_output_tensor_by_name(response, name)
-            if tensor is None:
-                raise RuntimeError(f"BLS call to {model_name}: no output {name}")
-            if not tensor.is_cpu():
-                raise RuntimeError(f"BLS call to {model_name}: {name} is in GPU memory (needs Triton >= 23.04)")
-            arrays.append(tensor.as_numpy())
-        return arrays
-
-    def execute(self, requests):
-        responses = [None] * len(requests)
-        good, arrays = [], []
-        for i, request in enumerate(requests):
-            try:
-                inputs = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in INPUTS}
-                check_request(inputs)
-            except Exception as e:  # a malformed request fails alone
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
-                continue
-            good.append(i)
-            arrays.append(inputs)
-        if good:
-            try:
-                results = run_batched(self.infer, self.spec, arrays, self.max_batch_size)
-            except Exception as e:  # a failed BLS call fails the whole batch
-                for i in good:
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
-            else:
-                for i, result in zip(good, results):
-                    responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(name, result[name]) for name in OUTPUTS])
-        return responses
-'''
 
 
 if __name__ == "__main__":

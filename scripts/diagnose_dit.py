@@ -21,16 +21,16 @@ from collections import defaultdict
 
 import torch
 
-from training.data.grounding_dataset import ImageSpec
-from training.data.mdetr import load_mdetr
-from training.data.rec_arrays import load_rec_arrays
-from training.evaluate import load_foundation
-from training.evaluation.metrics import RecallAccumulator, ranked_by_score
-from training.models.diffprompt import load_dit
-from training.models.mask_vae import decode_latents, load_mask_vae, mask_iou
-from training.models.preprocess import boxes_to_pixels
-from training.models.prompt_sampler import sample_prompt_latents
-from training.train_prompt_dit import compute_conditions
+from diffprompt.core.boxes import boxes_to_pixels
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.rec_arrays import load_rec_arrays
+from diffprompt.training.evaluate import load_foundation
+from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
+from diffprompt.training.models.diffprompt import load_dit
+from diffprompt.training.models.mask_vae import decode_latents, load_mask_vae, mask_iou
+from diffprompt.training.models.prompt_sampler import sample_prompt_latents
+from diffprompt.training.train_prompt_dit import compute_conditions
 
 
 def main() -> None:

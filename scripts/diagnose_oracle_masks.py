@@ -11,14 +11,14 @@ import sys
 
 import torch
 
-import training.train_prompts as tp
-from training.data.mdetr import load_mdetr
-from training.data.rec_arrays import load_rec_arrays
-from training.evaluation.metrics import RecallAccumulator, ranked_by_score
-from training.models.diffprompt import DiffPromptPipeline
-from training.models.mask_vae import masks_to_vae_input
-from training.models.preprocess import boxes_to_pixels
-from training.models.prompt_learners import prompted_forward
+import diffprompt.training.train_prompts as tp
+from diffprompt.core.boxes import boxes_to_pixels
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.rec_arrays import load_rec_arrays
+from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
+from diffprompt.training.models.diffprompt import DiffPromptPipeline
+from diffprompt.training.models.mask_vae import masks_to_vae_input
+from diffprompt.training.models.prompt_learners import prompted_forward
 
 
 def oracle_masks(data, n):

@@ -16,13 +16,13 @@ import argparse
 import numpy as np
 import torch
 
-from training.data.mdetr import load_mdetr
-from training.data.rec_arrays import load_rec_arrays
-from training.evaluation.metrics import RecallAccumulator, ranked_by_score
-from training.evaluation.rec import sample_seed
-from training.models.diffprompt import DiffPromptPipeline
-from training.models.preprocess import boxes_to_pixels
-from training.models.prompt_learners import prompted_forward
+from diffprompt.core.boxes import boxes_to_pixels
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.rec_arrays import load_rec_arrays
+from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
+from diffprompt.training.evaluation.rec import sample_seed
+from diffprompt.training.models.diffprompt import DiffPromptPipeline
+from diffprompt.training.models.prompt_learners import prompted_forward
 
 
 def top1_hits(output, samples, spec) -> list[bool]:

@@ -1,4 +1,4 @@
-"""`python -m service [--host H] [--port P]`: serve the artifact named by DIFFPROMPT_ARTIFACT_DIR (server.py)."""
+"""`python -m diffprompt.service [--host H] [--port P]`: serve the artifact named by DIFFPROMPT_ARTIFACT_DIR."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m diffprompt.service", description=__doc__)
     p.add_argument("--host", help="bind address (default: DIFFPROMPT_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: DIFFPROMPT_PORT or 8000)")
     p.add_argument("--artifact", help="artifact directory (default: DIFFPROMPT_ARTIFACT_DIR)")
@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.server import serve
-    from service.settings import Settings
+    from diffprompt.service.server import serve
+    from diffprompt.service.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "artifact_dir": args.artifact}.items()
                  if v is not None}

@@ -24,8 +24,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from service.errors import NotReady, QueueFull, RequestTimeout
-from service.metrics import Metrics
+from diffprompt.service.errors import NotReady, QueueFull, RequestTimeout
+from diffprompt.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

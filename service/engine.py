@@ -26,15 +26,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model_export.manifest import check_steps, validate_artifact
-from model_export.providers import ProviderConfig
-from model_export.runtime import GroundingRuntime, sigmoid
-from service.batching import MicroBatcher
-from service.errors import EngineFailed, MaskUnavailable, NotReady, RequestTimeout, ShuttingDown
-from service.images import configure_pillow, decode_image
-from service.metrics import Metrics
-from service.settings import Settings
-from training.models.preprocess import boxes_to_pixels, mask_from_input_frame, preprocess_image
+from diffprompt.core.boxes import boxes_to_pixels
+from diffprompt.core.images import mask_from_input_frame
+from diffprompt.core.manifest import Manifest, validate_artifact
+from diffprompt.core.pipeline import sigmoid
+from diffprompt.core.providers import ProviderConfig, engine_cache_subdir
+from diffprompt.core.runtime import GroundingRuntime
+from diffprompt.service.batching import MicroBatcher
+from diffprompt.service.errors import EngineFailed, MaskUnavailable, NotReady, RequestTimeout, ShuttingDown
+from diffprompt.service.images import configure_pillow, decode_image
+from diffprompt.service.metrics import Metrics
+from diffprompt.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ class Engine:
         self.settings, self.metrics = settings, metrics
         self.state = EngineState.LOADING
         self.message = "not started"
-        self.manifest: dict[str, Any] = {}
+        self.manifest: Manifest | None = None
         self.runtime: GroundingRuntime | None = None
         self.batcher: MicroBatcher[_Item, _Raw] | None = None
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="diffprompt-infer")
@@ -126,7 +128,6 @@ class Engine:
         s = self.settings
         self.message = f"validating {s.artifact_dir}"
         self.manifest = await asyncio.to_thread(validate_artifact, s.artifact_dir, s.check_hashes)
-        check_steps(self.manifest, None)
 
     def start(self) -> None:
         """Load the sessions and warm up in the background; the state becomes READY (or FAILED)."""
@@ -144,9 +145,9 @@ class Engine:
             self.state, self.message = EngineState.FAILED, f"loading {s.artifact_dir} failed: {e}"
             return
         rt = self.runtime
-        self.metrics.model_info.info({"model_version": str(self.manifest.get("model_version", "unknown")),
-                                      "ddim_steps": str(rt.steps), "provider": rt.provider,
-                                      "providers": rt.describe(), "method": str(self.manifest.get("method", ""))})
+        self.metrics.model_info.info({"model_version": self.model_version, "ddim_steps": str(rt.steps),
+                                      "provider": rt.provider, "providers": rt.describe(),
+                                      "method": self.method})
         self.batcher = MicroBatcher(self._run_batch, self._infer_pool, max_batch_size=s.max_batch_size,
                                     max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
                                     retry_after_s=s.retry_after_s, metrics=self.metrics)
@@ -160,12 +161,18 @@ class Engine:
         s = self.settings
         top = max(s.max_batch_size, *s.warmup_sizes)
         config = ProviderConfig(preferred=tuple(s.providers), fp16=s.fp16,
-                                engine_cache_dir=str(s.engine_cache_dir) if s.engine_cache_dir else None,
+                                engine_cache_dir=self._engine_cache_dir(),
                                 min_batch=1, opt_batch=s.max_batch_size, max_batch=top,
                                 intra_op_threads=s.intra_op_threads)
         runtime = GroundingRuntime.load(s.artifact_dir, config, check_hashes=False, warmup=False)  # hashed above
         runtime.warmup(s.warmup_sizes)
         return runtime
+
+    def _engine_cache_dir(self) -> str | None:
+        """The TensorRT engine cache of this model and runtime build (deploy/README.md, section 6)."""
+        if not self.settings.engine_cache_dir:
+            return None
+        return engine_cache_subdir(self.settings.engine_cache_dir, self.model_version)
 
     def begin_shutdown(self) -> None:
         """SIGTERM: keep serving, but tell load balancers to stop sending (readiness 503)."""
@@ -196,20 +203,24 @@ class Engine:
 
     @property
     def model_version(self) -> str:
-        return str(self.manifest.get("model_version", "unknown"))
+        return self.manifest.model_version if self.manifest else "unknown"
+
+    @property
+    def method(self) -> str:
+        return self.manifest.method if self.manifest else ""
 
     @property
     def ddim_steps(self) -> int:
-        return int(self.manifest.get("ddim_steps", 0))
+        return self.manifest.ddim_steps if self.manifest else 0
 
     @property
     def makes_masks(self) -> bool:
-        return "denoiser" in self.manifest.get("graphs", {})
+        return self.manifest is not None and self.manifest.makes_masks
 
     def describe(self) -> dict[str, Any]:
         rt = self.runtime
         return {"model_version": self.model_version, "ddim_steps": self.ddim_steps,
-                "method": self.manifest.get("method"), "provider": rt.provider if rt else None,
+                "method": self.method or None, "provider": rt.provider if rt else None,
                 "providers": rt.describe() if rt else None, "makes_masks": self.makes_masks,
                 "max_batch_size": self.settings.max_batch_size}
 
@@ -226,7 +237,7 @@ class Engine:
             raise NotReady(f"the model is not ready yet ({health.message})",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
         if options.return_mask and not self.makes_masks:
-            raise MaskUnavailable(f"{self.model_version} ({self.manifest.get('method')}) generates no mask; "
+            raise MaskUnavailable(f"{self.model_version} ({self.method}) generates no mask; "
                                   "send return_mask=false")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
@@ -247,9 +258,8 @@ class Engine:
     def _prepare(self, data: bytes) -> tuple[int, int, np.ndarray]:
         """Bytes -> (width, height, normalised pixels (3, S, S)); 4xx errors for bad images."""
         decoded = decode_image(data, self.settings.max_image_pixels)
-        img = self.manifest["image"]
-        pixels = preprocess_image(decoded.image, img["size"], tuple(img["mean"]), tuple(img["std"]),
-                                  img["resize_mode"])
+        assert self.manifest is not None
+        pixels = self.manifest.image.preprocess(decoded.image)
         return decoded.width, decoded.height, pixels
 
     def _run_batch(self, items: list[_Item]) -> list[_Raw]:
@@ -264,7 +274,8 @@ class Engine:
 
     def _postprocess(self, raw: _Raw, width: int, height: int, options: GroundOptions) -> Prediction:
         """Top-k boxes above the threshold in pixels (rounded to 0.01 px, scores to 1e-6), mask as PNG."""
-        resize_mode = self.manifest["image"]["resize_mode"]
+        assert self.manifest is not None
+        resize_mode = self.manifest.image.resize_mode
         scores = np.round(raw.scores.astype(np.float64), 6)  # as reported, so the threshold applies to these
         order = np.argsort(-scores, kind="stable")
         keep = [int(i) for i in order if scores[i] >= options.score_threshold][: options.top_k]

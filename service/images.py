@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from service.errors import DecompressionBomb, ImageCorrupt, ImageTooLarge, NotAnImage, UnsupportedImageFormat
+from diffprompt.service.errors import DecompressionBomb, ImageCorrupt, ImageTooLarge, NotAnImage, UnsupportedImageFormat
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 

@@ -1,7 +1,7 @@
 """The FastAPI app: `create_app(settings)` wires routes, middleware, error handlers and the engine's lifespan.
 
-    uvicorn --factory service.main:create_app          # settings from DIFFPROMPT_* / .env
-    python -m service                                  # the same, with graceful SIGTERM handling (server.py)
+    uvicorn --factory diffprompt.service.main:create_app          # settings from DIFFPROMPT_* / .env
+    python -m diffprompt.service                                  # the same, with graceful SIGTERM handling (server.py)
 
 The lifespan validates the artifact (a missing or altered file fails start-up at once), then loads
 the sessions and warms up in the background: /livez answers 200 at once, /readyz 503 until the
@@ -17,12 +17,12 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from diffprompt import __version__
-from service.api.handlers import install_error_handlers
-from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
-from service.api.routes import demo, ground, health, metrics
-from service.engine import Engine
-from service.metrics import Metrics
-from service.settings import Settings, get_settings
+from diffprompt.service.api.handlers import install_error_handlers
+from diffprompt.service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from diffprompt.service.api.routes import demo, ground, health, metrics
+from diffprompt.service.engine import Engine
+from diffprompt.service.metrics import Metrics
+from diffprompt.service.settings import Settings, get_settings
 
 DESCRIPTION = """Visual grounding with Diff-Prompt, served from an exported ONNX artifact.
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.engine import GroundOptions, Prediction
-from service.errors import ExpressionEmpty, ExpressionInvalid, ExpressionTooLong
+from diffprompt.service.engine import GroundOptions, Prediction
+from diffprompt.service.errors import ExpressionEmpty, ExpressionInvalid, ExpressionTooLong
 
 MAX_SEED = 2**31 - 1
 MAX_TOP_K = 100

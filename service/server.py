@@ -1,4 +1,4 @@
-"""Run the app under uvicorn, one process, with a graceful SIGTERM (used by `python -m service`).
+"""Run the app under uvicorn, one process, with a graceful SIGTERM (used by `python -m diffprompt.service`).
 
 One worker on purpose: the micro-batcher can only batch requests that reach the same process, so
 scale out with replicas (service/README.md). On SIGTERM (or Ctrl-C):
@@ -20,8 +20,8 @@ from types import FrameType
 
 import uvicorn
 
-from service.main import create_app
-from service.settings import Settings
+from diffprompt.service.main import create_app
+from diffprompt.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

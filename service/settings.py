@@ -1,6 +1,6 @@
 """Service settings: one `Settings` (pydantic-settings), read from `DIFFPROMPT_*` variables and `.env`.
 
-    DIFFPROMPT_ARTIFACT_DIR=artifacts/diffprompt-5steps DIFFPROMPT_PROVIDERS=cpu python -m service
+    DIFFPROMPT_ARTIFACT_DIR=artifacts/diffprompt-5steps DIFFPROMPT_PROVIDERS=cpu python -m diffprompt.service
 
 Lists take JSON or commas (`DIFFPROMPT_PROVIDERS=tensorrt,cuda,cpu`). Everything is validated when
 the process starts (`get_settings()`), so a typo fails before the server listens. Units are in the
@@ -16,8 +16,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model_export.manifest import MANIFEST_FILE
-from model_export.providers import PROVIDER_NAMES
+from diffprompt.core.manifest import MANIFEST_FILE
+from diffprompt.core.providers import PROVIDER_NAMES
 
 DEFAULT_ARTIFACT = Path("artifacts/diffprompt-5steps")
 
@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1, le=100, description="boxes returned when top_k is not given")
 
     # -- HTTP ------------------------------------------------------------------------------------
-    host: str = Field("127.0.0.1", description="bind address of `python -m service`")
-    port: int = Field(8000, ge=0, le=65535, description="port of `python -m service`")
+    host: str = Field("127.0.0.1", description="bind address of `python -m diffprompt.service`")
+    port: int = Field(8000, ge=0, le=65535, description="port of `python -m diffprompt.service`")
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs `Authorization: Bearer <key>`")
     shutdown_drain_s: float = Field(0.0, ge=0, description="after SIGTERM: answer /readyz 503 but keep serving")
     shutdown_timeout_s: float = Field(60.0, gt=0, description="longest wait for in-flight requests at shutdown")

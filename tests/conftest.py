@@ -16,8 +16,8 @@ FOUNDATION_DIR = REPO / "checkpoints" / "foundation"
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:
     """A few images of each synthetic split in MDETR format."""
-    from training.data.synthetic.splits import SPLITS
-    from training.data.synthetic.writer import write_split
+    from diffprompt.training.data.synthetic.splits import SPLITS
+    from diffprompt.training.data.synthetic.writer import write_split
 
     out = tmp_path_factory.mktemp("world")
     for name, n in [("pretrain", 24), ("heldout", 12), ("train", 16), ("val", 8), ("testA", 8), ("testB", 8)]:
@@ -36,16 +36,16 @@ def build_tiny_pipeline(root: Path, conditioning: str = "tokens") -> Path:
     """A randomly initialised Diff-Prompt pipeline (baby presets) saved under `root`; returns its directory."""
     import torch
 
-    from training.models.diffprompt import write_pipeline_file
-    from training.models.grounding import GROUNDING_PRESETS, GroundingModel
-    from training.models.mask_vae import build_mask_vae
-    from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
-    from training.models.prompt_learners import PromptLearner
-    from training.models.prompt_sampler import make_scheduler
-    from training.models.tokenizer import QueryTokenizer
+    from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
+    from diffprompt.training.models.diffprompt import write_pipeline_file
+    from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
+    from diffprompt.training.models.mask_vae import build_mask_vae
+    from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
+    from diffprompt.training.models.prompt_learners import PromptLearner
+    from diffprompt.training.models.prompt_sampler import make_scheduler
 
     torch.manual_seed(0)
-    tok = QueryTokenizer.synthetic()
+    tok = synthetic_tokenizer()
     f = GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size))
     f.save_pretrained(root / "foundation")
     tok.save(root / "foundation")

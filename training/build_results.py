@@ -76,11 +76,11 @@ def run_job(job: Job, cfg: dict) -> dict:
     """Train (unless the foundation) and evaluate one job; writes and returns its results.json."""
     import torch
 
-    from training.data.mdetr import load_mdetr
-    from training.evaluation.rec import evaluate_samples
-    from training.models.diffprompt import DiffPromptPipeline
-    from training.train_prompts import build_parser
-    from training.train_prompts import main as train
+    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.evaluation.rec import evaluate_samples
+    from diffprompt.training.models.diffprompt import DiffPromptPipeline
+    from diffprompt.training.train_prompts import build_parser
+    from diffprompt.training.train_prompts import main as train
 
     torch.set_num_threads(cfg["threads"])
     out = Path(cfg["work_dir"]) / job.name
@@ -245,11 +245,12 @@ def mask_picture(pipeline_dir: Path, data_dir: Path, path: Path, n: int = 6, see
     import torch
     from PIL import Image
 
-    from training.data.grounding_dataset import ImageSpec, load_pixels
-    from training.data.mdetr import load_mdetr
-    from training.data.rec_arrays import target_mask
-    from training.evaluation.rec import sample_seed
-    from training.models.diffprompt import DiffPromptPipeline
+    from diffprompt.core.image_spec import ImageSpec
+    from diffprompt.training.data.grounding_dataset import load_pixels
+    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.data.rec_arrays import target_mask
+    from diffprompt.training.evaluation.rec import sample_seed
+    from diffprompt.training.models.diffprompt import DiffPromptPipeline
 
     pipeline = DiffPromptPipeline.from_pretrained(pipeline_dir)
     samples = list(load_mdetr(data_dir / "val.json"))[:n]
@@ -288,7 +289,7 @@ def mask_picture(pipeline_dir: Path, data_dir: Path, path: Path, n: int = 6, see
 
 def train_generators(args, cfg: dict) -> None:
     """--from-scratch: stage 1 and both stage-2 DiTs into the work dir."""
-    from training import train_mask_vae, train_prompt_dit
+    from diffprompt.training import train_mask_vae, train_prompt_dit
 
     work = Path(args.work_dir)
     common = ["--data-dir", args.data_dir, "--threads", str(cfg["threads"] * args.jobs),
@@ -313,8 +314,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = {"work_dir": str(work), "foundation": args.foundation, "mask_vae": args.mask_vae,
            "dit_pooled": args.dit_pooled, "dit_tokens": args.dit_tokens, "data_dir": args.data_dir,
            "epochs": args.epochs, "threads": args.threads}
-    from training.pretrain_foundation import ensure_synthetic_split
-    from training.utils.runs import get_logger
+    from diffprompt.training.pretrain_foundation import ensure_synthetic_split
+    from diffprompt.training.utils.runs import get_logger
 
     log = get_logger("results", None)
     for split in ("train", *SPLITS):

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from training.data.mdetr import load_mdetr
-from training.evaluation.rec import evaluate_samples
-from training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
-from training.models.grounding import load_grounding_model
-from training.models.tokenizer import TOKENIZER_FILE, QueryTokenizer
+from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.evaluation.rec import evaluate_samples
+from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+from diffprompt.training.models.grounding import load_grounding_model
 
 
 def load_foundation(checkpoint: str | Path):
@@ -42,10 +42,10 @@ def load_foundation(checkpoint: str | Path):
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.artifact:
-        from model_export.evaluation import OnnxPipeline
-        from model_export.providers import ProviderConfig
+        from diffprompt.core.providers import ProviderConfig
+        from diffprompt.core.runtime import GroundingRuntime
 
-        model = OnnxPipeline(args.artifact, ProviderConfig(preferred=tuple(args.providers)))
+        model = GroundingRuntime.load(args.artifact, ProviderConfig(preferred=tuple(args.providers)))
         tokenizer = model.tokenizer
         args.ddim_steps = model.steps
     elif args.checkpoint is None:
@@ -57,8 +57,8 @@ def main(args: argparse.Namespace) -> int:
         model, tokenizer = load_foundation(args.checkpoint)
     datasets: list[tuple[str, Path]] = [(Path(j).stem, Path(j)) for j in args.json]
     if args.split:
-        from training.data.synthetic.splits import SPLITS
-        from training.data.synthetic.writer import write_split
+        from diffprompt.training.data.synthetic.splits import SPLITS
+        from diffprompt.training.data.synthetic.writer import write_split
 
         for name in args.split:
             path = Path(args.data_dir) / f"{name}.json"

@@ -11,7 +11,7 @@ Single process (writes the synthetic splits first if they are missing):
 
 Two CPU processes (gloo) or GPUs (NCCL), one or several hosts:
 
-    torchrun --nproc_per_node 2 -m training.pretrain_foundation --output checkpoints/foundation
+    torchrun --nproc_per_node 2 -m diffprompt.training.pretrain_foundation --output checkpoints/foundation
 
 Resume an interrupted run from its last checkpoint:
 
@@ -32,15 +32,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.data.grounding_dataset import ImageQueriesDataset, ImageSpec, detection_collate
-from training.data.mdetr import load_mdetr
-from training.evaluation.rec import evaluate_samples
-from training.losses import detection_loss, match
-from training.models.grounding import GROUNDING_PRESETS, GroundingModel, load_grounding_model
-from training.models.tokenizer import QueryTokenizer
-from training.utils.checkpoint import load_trainer_state, save_checkpoint
-from training.utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
-from training.utils.runs import get_logger, new_run_dir
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.core.tokenizer import QueryTokenizer
+from diffprompt.training.data.grounding_dataset import ImageQueriesDataset, detection_collate
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
+from diffprompt.training.evaluation.rec import evaluate_samples
+from diffprompt.training.losses import detection_loss, match
+from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel, load_grounding_model
+from diffprompt.training.utils.checkpoint import load_trainer_state, save_checkpoint
+from diffprompt.training.utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
+from diffprompt.training.utils.runs import get_logger, new_run_dir
 
 
 class DetectionStep(nn.Module):
@@ -59,8 +61,8 @@ class DetectionStep(nn.Module):
 
 def ensure_synthetic_split(data_dir: Path, split: str, n_images: int | None, log, progress: bool = True) -> Path:
     """The split's json, written first if it is not on disk yet."""
-    from training.data.synthetic.splits import SPLITS
-    from training.data.synthetic.writer import write_split
+    from diffprompt.training.data.synthetic.splits import SPLITS
+    from diffprompt.training.data.synthetic.writer import write_split
 
     path = data_dir / f"{split}.json"
     if not path.exists():
@@ -94,7 +96,7 @@ def main(args: argparse.Namespace) -> dict:
     train_json = Path(args.train_json) if args.train_json else data_dir / "pretrain.json"
     val_json = Path(args.val_json) if args.val_json else data_dir / "heldout.json"
 
-    tokenizer = QueryTokenizer.synthetic() if args.tokenizer is None else QueryTokenizer.from_file(args.tokenizer)
+    tokenizer = synthetic_tokenizer() if args.tokenizer is None else QueryTokenizer.from_file(args.tokenizer)
     if args.resume:
         model = load_grounding_model(args.resume)
     else:

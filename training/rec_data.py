@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.utils.distributed import DistInfo, barrier
+from diffprompt.training.utils.distributed import DistInfo, barrier
 
 
 def add_rec_data_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def rec_split_paths(args: argparse.Namespace, info: DistInfo, log) -> tuple[Path, Path]:
     """(train json, val json); rank 0 writes missing synthetic splits while the others wait."""
-    from training.pretrain_foundation import ensure_synthetic_split
+    from diffprompt.training.pretrain_foundation import ensure_synthetic_split
 
     data_dir = Path(args.data_dir)
     if info.is_main:

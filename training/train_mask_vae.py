@@ -5,7 +5,7 @@ mask per referred object. Masks are randomly flipped left-right and shifted insi
 Reports the reconstruction IoU (decoded logits > 0 against the mask) on val.
 
     diffprompt train-vae --output checkpoints/mask_vae
-    torchrun --nproc_per_node 2 -m training.train_mask_vae --output checkpoints/mask_vae
+    torchrun --nproc_per_node 2 -m diffprompt.training.train_mask_vae --output checkpoints/mask_vae
 """
 
 from __future__ import annotations
@@ -20,14 +20,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.data.grounding_dataset import ImageSpec
-from training.data.mdetr import load_mdetr
-from training.data.rec_arrays import load_rec_arrays
-from training.models.mask_vae import MASK_VAE_PRESETS, build_mask_vae, decode_latents, mask_iou, masks_to_vae_input
-from training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
-from training.utils.checkpoint import save_checkpoint
-from training.utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from training.utils.runs import get_logger, new_run_dir
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.rec_arrays import load_rec_arrays
+from diffprompt.training.models.mask_vae import (
+    MASK_VAE_PRESETS,
+    build_mask_vae,
+    decode_latents,
+    mask_iou,
+    masks_to_vae_input,
+)
+from diffprompt.training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
+from diffprompt.training.utils.checkpoint import save_checkpoint
+from diffprompt.training.utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from diffprompt.training.utils.runs import get_logger, new_run_dir
 
 
 def augment(masks: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

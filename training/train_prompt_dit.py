@@ -15,7 +15,7 @@ step starts at alpha_bar ~ 2e-7, where an epsilon model's x0 estimate is its err
 steps that decide *where* the mask goes; x0 prediction weighs them fully.
 
     diffprompt train-dit --conditioning tokens --output checkpoints/prompt_dit_tokens
-    torchrun --nproc_per_node 2 -m training.train_prompt_dit --conditioning pooled --output ...
+    torchrun --nproc_per_node 2 -m diffprompt.training.train_prompt_dit --conditioning pooled --output ...
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ from diffusers.training_utils import EMAModel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.data.grounding_dataset import ImageSpec
-from training.data.mdetr import load_mdetr
-from training.data.rec_arrays import RecArrays, load_rec_arrays
-from training.evaluate import load_foundation
-from training.models.diffprompt import SCHEDULER_FILE, foundation_conditions
-from training.models.mask_vae import decode_latents, encode_masks, load_mask_vae, mask_iou
-from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
-from training.models.prompt_sampler import make_scheduler, sample_prompt_latents
-from training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
-from training.utils.checkpoint import save_checkpoint
-from training.utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from training.utils.runs import get_logger, new_run_dir
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.rec_arrays import RecArrays, load_rec_arrays
+from diffprompt.training.evaluate import load_foundation
+from diffprompt.training.models.diffprompt import SCHEDULER_FILE, foundation_conditions
+from diffprompt.training.models.mask_vae import decode_latents, encode_masks, load_mask_vae, mask_iou
+from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
+from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
+from diffprompt.training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
+from diffprompt.training.utils.checkpoint import save_checkpoint
+from diffprompt.training.utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from diffprompt.training.utils.runs import get_logger, new_run_dir
 
 
 @torch.no_grad()

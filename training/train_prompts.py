@@ -13,7 +13,7 @@ epoch.
     diffprompt train-prompts --method diffprompt --prompt-dit checkpoints/prompt_dit_tokens \
         --output checkpoints/diffprompt
     diffprompt train-prompts --method vpt --output runs/vpt
-    torchrun --nproc_per_node 2 -m training.train_prompts --method coop --output runs/coop
+    torchrun --nproc_per_node 2 -m diffprompt.training.train_prompts --method coop --output runs/coop
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.data.grounding_dataset import ImageSpec
-from training.data.mdetr import load_mdetr
-from training.data.rec_arrays import RecArrays, load_rec_arrays
-from training.evaluate import load_foundation
-from training.evaluation.rec import evaluate_samples, sample_seed
-from training.losses import DetectionTargets, detection_loss, match
-from training.models.diffprompt import DiffPromptPipeline, load_dit, write_pipeline_file
-from training.models.mask_vae import load_mask_vae
-from training.models.prompt_learners import MASK_INPUTS, METHODS, PromptLearner, prompted_forward
-from training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
-from training.utils.checkpoint import save_checkpoint
-from training.utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
-from training.utils.runs import get_logger, new_run_dir
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.rec_arrays import RecArrays, load_rec_arrays
+from diffprompt.training.evaluate import load_foundation
+from diffprompt.training.evaluation.rec import evaluate_samples, sample_seed
+from diffprompt.training.losses import DetectionTargets, detection_loss, match
+from diffprompt.training.models.diffprompt import DiffPromptPipeline, load_dit, write_pipeline_file
+from diffprompt.training.models.mask_vae import load_mask_vae
+from diffprompt.training.models.prompt_learners import MASK_INPUTS, METHODS, PromptLearner, prompted_forward
+from diffprompt.training.rec_data import add_rec_data_args, add_runtime_args, rec_split_paths
+from diffprompt.training.utils.checkpoint import save_checkpoint
+from diffprompt.training.utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
+from diffprompt.training.utils.runs import get_logger, new_run_dir
 
 
 class PromptedStep(torch.nn.Module):

@@ -16,11 +16,11 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.engine import Engine, GroundOptions
-from service.errors import InvalidBase64, InvalidJSON, NotReady, Unauthorized, UnsupportedMediaType
-from service.metrics import Metrics
-from service.schemas import GroundParams, GroundRequest, clean_expression
-from service.settings import Settings
+from diffprompt.service.engine import Engine, GroundOptions
+from diffprompt.service.errors import InvalidBase64, InvalidJSON, NotReady, Unauthorized, UnsupportedMediaType
+from diffprompt.service.metrics import Metrics
+from diffprompt.service.schemas import GroundParams, GroundRequest, clean_expression
+from diffprompt.service.settings import Settings
 
 MULTIPART_MAX_FIELDS = 16
 

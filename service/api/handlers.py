@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.errors import HTTP_CODES, ClientDisconnected, InvalidParameter, ServiceError, error_response
+from diffprompt.service.errors import HTTP_CODES, ClientDisconnected, InvalidParameter, ServiceError, error_response
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge, error_response
-from service.metrics import Metrics
+from diffprompt.service.errors import BodyTooLarge, error_response
+from diffprompt.service.metrics import Metrics
 
 UNTIMED_PATHS = frozenset({"/metrics", "/livez", "/readyz"})
 

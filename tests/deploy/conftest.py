@@ -15,7 +15,7 @@ from service_testkit import ServerProcess  # noqa: E402
 @pytest.fixture(scope="session")
 def deploy_artifact(tiny_pipeline_dir, tmp_path_factory) -> Path:
     """A Diff-Prompt artifact with random weights and 3 DDIM steps, exported like `diffprompt export`."""
-    from model_export.export import build_parser, main
+    from diffprompt.model_export.export import build_parser, main
 
     out = tmp_path_factory.mktemp("deploy_artifacts")
     args = ["--pipeline", str(tiny_pipeline_dir), "--out", str(out), "--name", "tiny", "--steps", "3",
@@ -26,7 +26,7 @@ def deploy_artifact(tiny_pipeline_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def live_server(deploy_artifact, tmp_path_factory):
-    """`python -m service` on the tiny artifact (CPU), ready; stopped with SIGTERM at the end."""
+    """`python -m diffprompt.service` on the tiny artifact (CPU), ready; stopped with SIGTERM at the end."""
     srv = ServerProcess(deploy_artifact, tmp_path_factory.mktemp("deploy_server"), max_batch_size=4,
                         max_wait_ms=5).start().wait_ready()
     yield srv

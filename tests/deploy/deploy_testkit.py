@@ -206,7 +206,7 @@ def settings_problems(env: dict[str, str], artifact_dir: Path) -> list[str]:
     """Why these DIFFPROMPT_* values would not start the service (unknown names, invalid values)."""
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from diffprompt.service.settings import Settings
 
     known = {f"DIFFPROMPT_{name.upper()}" for name in Settings.model_fields}
     problems = [f"{key} is not a service setting (a typo is silently ignored)"
@@ -230,7 +230,7 @@ def settings_problems(env: dict[str, str], artifact_dir: Path) -> list[str]:
 
 def error_codes() -> set[str]:
     """Every `reason` label value diffprompt_errors_total can carry."""
-    from service import errors
+    from diffprompt.service import errors
 
     codes = {"internal_error", "http_error"} | set(errors.HTTP_CODES.values())
 

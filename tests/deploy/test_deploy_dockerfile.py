@@ -83,7 +83,7 @@ def test_runtime_stage_serves_without_torch_as_a_non_root_user():
     assert uid.isdigit() and int(uid) > 0, f"USER {user}: numeric and not root (runAsNonRoot needs a number)"
     assert [i.args for i in RUNTIME.all("EXPOSE")] == ["8000"]
     assert [i.args for i in RUNTIME.all("STOPSIGNAL")] == ["SIGTERM"]
-    assert exec_form(RUNTIME.all("CMD")[-1].args) == ["python", "-m", "service"]
+    assert exec_form(RUNTIME.all("CMD")[-1].args) == ["python", "-m", "diffprompt.service"]
     assert RUNTIME.all("ENTRYPOINT") == [], "CMD runs the server directly (PID 1 gets SIGTERM)"
     froms = [copy_parts(i) for i in RUNTIME.all("COPY") if "from" in copy_parts(i)[0]]
     assert [(f["from"], src, dst) for f, src, dst in froms] == [("export", ["/artifacts"], "/artifacts")]
@@ -147,7 +147,7 @@ def test_the_healthcheck_command_really_checks_the_server(live_server):
 def test_the_export_stage_command_writes_the_artifact_the_runtime_serves(tiny_pipeline_dir, tmp_path):
     """The export stage's RUN line, run as written (PIPELINE/EXPORT_STEPS from its ARGs, /artifacts relocated)
     on a tiny pipeline directory also named `diffprompt`: it writes the artifact DIFFPROMPT_ARTIFACT_DIR names."""
-    from model_export.manifest import validate_artifact
+    from diffprompt.core.manifest import validate_artifact
 
     [line] = [i.args for i in EXPORT.all("RUN") if "diffprompt export" in i.args]
     out = tmp_path / "artifacts"
@@ -159,7 +159,7 @@ def test_the_export_stage_command_writes_the_artifact_the_runtime_serves(tiny_pi
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     served = Path(RUNTIME.env()["DIFFPROMPT_ARTIFACT_DIR"]).relative_to("/artifacts")
     manifest = validate_artifact(out / served)
-    assert manifest["ddim_steps"] == int(str(served).rsplit("-", 1)[1].removesuffix("steps"))
+    assert manifest.ddim_steps == int(str(served).rsplit("-", 1)[1].removesuffix("steps"))
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"diffprompt-{n}steps" for n in EXPORT.args()["EXPORT_STEPS"].split())
     missing = subprocess.run(["bash", "-o", "pipefail", "-c", line.replace("/artifacts", str(tmp_path / "x"))],

@@ -74,7 +74,7 @@ def all_queries() -> list[tuple[str, str]]:
 
 
 def selector_problems(where: str, sel: Selector, exp: Exposition, recorded: set[str]) -> list[str]:
-    from service.metrics import STAGES
+    from diffprompt.service.metrics import STAGES
 
     if sel.name in recorded or sel.name in PROMETHEUS_SYNTHETIC:
         return []

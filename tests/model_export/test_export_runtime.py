@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from model_export.export import build_parser, main
-from model_export.manifest import MANIFEST_FILE, ArtifactError, validate_artifact
-from model_export.providers import ProviderConfig
-from model_export.runtime import GroundingRuntime
-from training.models.diffprompt import DiffPromptPipeline
+from diffprompt.core.manifest import MANIFEST_FILE, ArtifactError, validate_artifact
+from diffprompt.core.providers import ProviderConfig
+from diffprompt.core.runtime import GroundingRuntime
+from diffprompt.model_export.export import build_parser, main
+from diffprompt.training.models.diffprompt import DiffPromptPipeline
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = ProviderConfig(preferred=("cpu",))
@@ -133,7 +133,7 @@ def test_pooled_conditioning_pipeline_exports_and_matches_pytorch(tiny_pooled_pi
                                            str(tmp_path / "art"), "--name", "p", "--threads", "1",
                                            "--no-progress"])) == 0
     runtime = GroundingRuntime.load(tmp_path / "art" / "p-3steps", CPU)
-    assert runtime.manifest["denoiser_conditions"] == ["image_embed", "text_embed"]
+    assert runtime.manifest.sampler.denoiser_conditions == ("image_embed", "text_embed")
     pipeline = DiffPromptPipeline.from_pretrained(pipeline_dir, steps=3)
     pixels, ids, mask = _batch(pipeline, 2)
     got = runtime.ground(pixels.numpy(), ids, mask, [1, 2])
@@ -152,7 +152,7 @@ def test_foundation_only_artifact(tiny_pipeline_dir, tmp_path):
     assert main(build_parser().parse_args(["--pipeline", str(foundation), "--out", str(tmp_path), "--name", "f",
                                            "--threads", "1", "--no-progress"])) == 0
     runtime = GroundingRuntime.load(tmp_path / "f", CPU)
-    assert set(runtime.manifest["graphs"]) == {"grounding"} and runtime.manifest["ddim_steps"] == 0
+    assert set(runtime.manifest.graphs) == {"grounding"} and runtime.manifest.ddim_steps == 0
     ids, mask = runtime.tokenizer(["star"])
     res = runtime.ground(np.zeros((1, 3, 128, 128), np.float32), ids, mask, [0])
     assert res.scores.shape == (1, 64) and res.mask_logits is None
@@ -161,8 +161,8 @@ def test_foundation_only_artifact(tiny_pipeline_dir, tmp_path):
 def test_the_runtime_path_never_imports_torch(artifacts):
     code = (
         "import sys, numpy as np\n"
-        "from model_export.runtime import GroundingRuntime\n"
-        "from model_export.providers import ProviderConfig\n"
+        "from diffprompt.core.runtime import GroundingRuntime\n"
+        "from diffprompt.core.providers import ProviderConfig\n"
         f"rt = GroundingRuntime.load({str(artifacts / 'tiny-3steps')!r}, ProviderConfig(preferred=('cpu',)))\n"
         "ids, mask = rt.tokenizer(['the red circle'])\n"
         "rt.ground(np.zeros((1, 3, 128, 128), np.float32), ids, mask, [0])\n"
@@ -176,7 +176,7 @@ def test_the_runtime_path_never_imports_torch(artifacts):
 
 
 def test_evaluate_command_scores_an_artifact_like_pytorch(artifacts, tiny_pipeline_dir, small_world, tmp_path):
-    from training import evaluate
+    from diffprompt.training import evaluate
 
     results = {}
     for flag, value in [("--artifact", artifacts / "tiny-5steps"), ("--checkpoint", tiny_pipeline_dir)]:

@@ -19,12 +19,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from model_export.export import build_parser as export_parser
-from model_export.export import main as export_main
-from model_export.manifest import ArtifactError
-from model_export.providers import ProviderConfig
-from model_export.runtime import GroundingRuntime
-from model_export.triton import build_parser, main, write_triton_repository
+from diffprompt.core.manifest import ArtifactError
+from diffprompt.core.providers import ProviderConfig
+from diffprompt.core.runtime import GroundingRuntime
+from diffprompt.model_export.export import build_parser as export_parser
+from diffprompt.model_export.export import main as export_main
+from diffprompt.model_export.triton import VENDORED_CORE, build_parser, main, write_triton_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = ProviderConfig(preferred=("cpu",), intra_op_threads=1)
@@ -143,8 +143,12 @@ def test_repository_layout(repos, artifacts):
         copied = (repo / graph / "1" / "model.onnx").read_bytes()
         assert copied == (artifacts["diffprompt"] / f"{graph}.onnx").read_bytes()
     bls = repo / "diffprompt" / "1"
-    assert sorted(p.name for p in bls.iterdir() if p.is_file()) == ["ddim.py", "manifest.json", "model.py"]
-    assert (bls / "ddim.py").read_text() == (REPO_ROOT / "model_export" / "ddim.py").read_text()
+    assert sorted(p.name for p in bls.iterdir() if p.is_file()) == ["manifest.json", "model.py"]
+    assert (bls / "model.py").read_text() == (REPO_ROOT / "model_export" / "triton_model.py").read_text()
+    vendored = bls / "diffprompt" / "core"
+    assert sorted(p.name for p in vendored.iterdir()) == sorted(["__init__.py", *VENDORED_CORE])
+    for name in VENDORED_CORE:  # the very modules the onnxruntime service runs
+        assert (vendored / name).read_text() == (REPO_ROOT / "diffprompt" / "core" / name).read_text()
     assert json.loads((bls / "manifest.json").read_text()) == json.loads((artifacts["diffprompt"] / "manifest.json")
                                                                          .read_text())
     readme = (repo / "README.md").read_text()
@@ -247,16 +251,17 @@ def test_bls_config_matches_the_graphs(repos):
 
 def test_bls_pipeline_equals_the_onnxruntime_runtime(repos, runtime):
     bls = load_bls_module(repos["gpu"], "pipeline")
-    spec = bls.load_spec(repos["gpu"] / "diffprompt" / "1" / "manifest.json")
-    assert len(spec.schedule) == 3 and spec.prediction_type == "sample" and spec.clip_sample_range == 3.0
+    spec = bls.load_manifest(repos["gpu"] / "diffprompt" / "1" / "manifest.json")
+    assert len(spec.sampler.schedule) == 3 and spec.sampler.prediction_type == "sample"
+    assert spec.sampler.clip_sample_range == 3.0
     pixels, ids, mask = example_batch(runtime)
     infer = OnnxruntimeTriton(repos["gpu"])
-    got = bls.run_pipeline(infer, spec, pixels, ids, mask, SEEDS)
+    got = bls.run_rows(infer, spec, pixels, ids, mask, SEEDS)
     want = runtime.ground(pixels, ids, mask, SEEDS)
     assert_matches_runtime(got, want)
     assert got["scores"].dtype == got["boxes"].dtype == got["mask_logits"].dtype == np.float32
     assert [m for m, _ in infer.calls] == ["condition_encoder", *["denoiser"] * 3, "prompt_builder", "grounding"]
-    other = bls.run_pipeline(infer, spec, pixels, ids, mask, [99, *SEEDS[1:]])  # the seed reaches the noise
+    other = bls.run_rows(infer, spec, pixels, ids, mask, [99, *SEEDS[1:]])  # the seed reaches the noise
     assert not np.allclose(other["mask_logits"][0], got["mask_logits"][0])
     np.testing.assert_allclose(other["mask_logits"][1:], got["mask_logits"][1:], rtol=1e-5, atol=1e-6)
 
@@ -264,7 +269,7 @@ def test_bls_pipeline_equals_the_onnxruntime_runtime(repos, runtime):
 def test_bls_batches_requests_and_splits_them_back(repos, runtime):
     """Requests of 1, 2 and 1 rows, max batch 3: one chunk of 3 rows, one of 1, results per request."""
     bls = load_bls_module(repos["cpu"], "batched")
-    spec = bls.load_spec(repos["cpu"] / "diffprompt" / "1" / "manifest.json")
+    spec = bls.load_manifest(repos["cpu"] / "diffprompt" / "1" / "manifest.json")
     pixels, ids, mask = example_batch(runtime)
     seeds = np.asarray(SEEDS, dtype=np.int64)[:, None]
     bounds = [(0, 1), (1, 3), (3, 4)]
@@ -380,6 +385,22 @@ def test_triton_python_model_execute_with_a_stand_in_backend(repos, runtime, mon
     del infer.models["denoiser"]  # a failing BLS call fails every request of the batch with its message
     responses = model.execute([request(slice(0, 1)), request(slice(1, 2))])
     assert all(r.has_error() and "unknown model: 'denoiser'" in r.error().message() for r in responses)
+
+
+def test_the_bls_model_imports_its_vendored_core_and_numpy_only(repos):
+    """Inside Triton, model.py is imported with its version directory on sys.path: it must take the
+    pipeline from the vendored copy, and pull in nothing beyond numpy (no PIL, tokenizers, onnxruntime, torch)."""
+    version_dir = repos["gpu"] / "diffprompt" / "1"
+    code = ("import sys, model\n"
+            "import diffprompt.core.pipeline as p\n"
+            "print(p.__file__)\n"
+            "print(sorted(m for m in ('PIL', 'tokenizers', 'onnxruntime', 'torch') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=version_dir, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(version_dir)})
+    assert proc.returncode == 0, proc.stderr
+    where, heavy = proc.stdout.splitlines()
+    assert Path(where).resolve().is_relative_to(version_dir.resolve())
+    assert heavy == "[]"
 
 
 def test_generated_model_py_passes_the_project_lint(repos):

@@ -9,7 +9,7 @@ from service_testkit import ServerProcess
 
 
 def _export(pipeline: Path, out: Path, *extra: str) -> None:
-    from model_export.export import build_parser, main
+    from diffprompt.model_export.export import build_parser, main
 
     args = ["--pipeline", str(pipeline), "--out", str(out), "--name", "tiny", "--threads", "1", "--no-progress"]
     assert main(build_parser().parse_args(args + list(extra))) == 0

@@ -1,4 +1,4 @@
-"""Run `python -m service` in this process; at exit write what it imported to the report file.
+"""Run `python -m diffprompt.service` in this process; at exit write what it imported to the report file.
 
     python tests/service/run_server.py REPORT.json [service options]
 
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from service.__main__ import main
+from diffprompt.service.__main__ import main
 
 if __name__ == "__main__":
     report = Path(sys.argv[1])

@@ -1,6 +1,6 @@
 """Helpers for the service tests: a real server in a subprocess, metric scraping, test images.
 
-`ServerProcess` runs `python -m service` (through run_server.py, which reports at exit whether
+`ServerProcess` runs `python -m diffprompt.service` (through run_server.py, which reports at exit whether
 torch was imported) on a free loopback port with DIFFPROMPT_* settings, and talks to it with httpx.
 """
 
@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m service` in a subprocess; `start()`, `wait_ready()`, `client`, `stop()`, `report()`."""
+    """`python -m diffprompt.service` in a subprocess; `start()`, `wait_ready()`, `client`, `stop()`, `report()`."""
 
     def __init__(self, artifact: Path, workdir: Path, **settings: object):
         self.workdir = workdir

@@ -10,9 +10,9 @@ from PIL import Image
 from pydantic import ValidationError
 from service_testkit import bomb_png, cmyk_jpeg, encode, exif_rotated_jpeg, png_16bit, rgb_image, sample_png
 
-from service import errors
-from service.images import check_pixels, decode_image, sniff_format
-from service.settings import Settings
+from diffprompt.service import errors
+from diffprompt.service.images import check_pixels, decode_image, sniff_format
+from diffprompt.service.settings import Settings
 
 # -- settings ---------------------------------------------------------------------------------------
 

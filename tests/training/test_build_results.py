@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from training import build_results
-from training.build_results import BASELINES, Job, aggregate, plan, render_report
+from diffprompt.training import build_results
+from diffprompt.training.build_results import BASELINES, Job, aggregate, plan, render_report
 
 
 def _result(job: Job, r1: dict[str, float], params: int = 10) -> dict:
@@ -65,11 +65,11 @@ def test_report_means_spreads_and_checks():
 
 def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):
     """Two real jobs (the foundation and one baseline) on a tiny world, then a rerun that trains nothing."""
-    from training.models.grounding import GROUNDING_PRESETS, GroundingModel
-    from training.models.tokenizer import QueryTokenizer
+    from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
+    from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 
     torch.manual_seed(0)
-    tok = QueryTokenizer.synthetic()
+    tok = synthetic_tokenizer()
     GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "f")
     tok.save(tmp_path / "f")
     argv = ["--work-dir", str(tmp_path / "work"), "--foundation", str(tmp_path / "f"), "--data-dir", str(small_world),

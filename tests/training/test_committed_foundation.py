@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from training.data.mdetr import load_mdetr
-from training.data.synthetic.splits import SPLITS
-from training.data.synthetic.writer import write_split
-from training.evaluate import load_foundation
-from training.evaluation.rec import evaluate_samples
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.synthetic.splits import SPLITS
+from diffprompt.training.data.synthetic.writer import write_split
+from diffprompt.training.evaluate import load_foundation
+from diffprompt.training.evaluation.rec import evaluate_samples
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from training.models.diffprompt import DiffPromptPipeline, foundation_conditions
-from training.models.grounding import GROUNDING_PRESETS, GroundingModel
-from training.models.mask_vae import build_mask_vae, decode_latents, encode_masks, load_mask_vae, mask_iou
-from training.models.preprocess import mask_from_input_frame, mask_to_input_frame
-from training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
-from training.models.prompt_learners import MASK_INPUTS, METHODS, PromptLearner, prompted_forward, standardize_masks
-from training.models.prompt_sampler import (
+from diffprompt.core.images import mask_from_input_frame, mask_to_input_frame
+from diffprompt.training.models.diffprompt import DiffPromptPipeline, foundation_conditions
+from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
+from diffprompt.training.models.mask_vae import build_mask_vae, decode_latents, encode_masks, load_mask_vae, mask_iou
+from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
+from diffprompt.training.models.prompt_learners import (
+    MASK_INPUTS,
+    METHODS,
+    PromptLearner,
+    prompted_forward,
+    standardize_masks,
+)
+from diffprompt.training.models.prompt_sampler import (
     initial_noise,
     kept_outputs,
     make_scheduler,

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffprompt.training import evaluate, train_mask_vae, train_prompt_dit, train_prompts
+from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
+from diffprompt.training.models.diffprompt import PIPELINE_FILE, SCHEDULER_FILE, DiffPromptPipeline
+from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 from tests.torchrun_util import run_torchrun
-from training import evaluate, train_mask_vae, train_prompt_dit, train_prompts
-from training.models.diffprompt import PIPELINE_FILE, SCHEDULER_FILE, DiffPromptPipeline
-from training.models.grounding import GROUNDING_PRESETS, GroundingModel
-from training.models.tokenizer import QueryTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def stages(small_world, tmp_path_factory):
     """Foundation (random baby) -> stage 1 -> stage 2 (tokens) -> stage 3 (Diff-Prompt)."""
     root = tmp_path_factory.mktemp("stages")
     torch.manual_seed(0)
-    tok = QueryTokenizer.synthetic()
+    tok = synthetic_tokenizer()
     GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(root / "foundation")
     tok.save(root / "foundation")
     common = ["--data-dir", str(small_world), "--run-root", str(root / "runs"), "--threads", "1", "--no-progress"]
@@ -94,8 +94,9 @@ def test_each_baseline_trains_and_only_its_parameters_change(method, stages, sma
 @pytest.mark.slow
 def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path):
     root, _ = stages
-    proc = run_torchrun(["-m", "training.train_prompts", "--method", "diffprompt", "--epochs", "1", "--batch-size",
-                         "4", "--ddim-steps", "5", "--eval-every", "0", "--foundation", str(root / "foundation"),
+    proc = run_torchrun(["-m", "diffprompt.training.train_prompts", "--method", "diffprompt", "--epochs", "1",
+                         "--batch-size", "4", "--ddim-steps", "5", "--eval-every", "0",
+                         "--foundation", str(root / "foundation"),
                          "--mask-vae", str(root / "vae"), "--prompt-dit", str(root / "dit"), "--output",
                          str(tmp_path / "dp"), "--data-dir", str(small_world), "--run-root", str(tmp_path / "runs"),
                          "--threads", "1", "--no-progress"])

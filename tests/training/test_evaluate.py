@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from diffprompt.cli import main as cli_main
-from training.data.mdetr import load_mdetr
-from training.evaluation.rec import evaluate_samples, predict_samples
-from training.models.grounding import GROUNDING_PRESETS, GroundingModel
-from training.models.tokenizer import QueryTokenizer
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
+from diffprompt.training.evaluation.rec import evaluate_samples, predict_samples
+from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 
 
 @pytest.fixture(scope="module")
 def baby_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    tok = QueryTokenizer.synthetic()
+    tok = synthetic_tokenizer()
     model = GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size))
     out = tmp_path_factory.mktemp("baby")
     model.save_pretrained(out)
@@ -42,7 +42,7 @@ def test_evaluate_prints_a_table_per_split_and_kind(baby_checkpoint, small_world
 
 
 def test_predictions_cover_every_patch_in_image_pixels(baby_checkpoint, small_world):
-    from training.evaluate import load_foundation
+    from diffprompt.training.evaluate import load_foundation
 
     model, tok = load_foundation(baby_checkpoint)
     samples = list(load_mdetr(small_world / "val.json"))[:3]

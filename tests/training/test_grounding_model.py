@@ -5,19 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.models.grounding import (
+from diffprompt.core.tokenizer import QueryTokenizer
+from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
+from diffprompt.training.models.grounding import (
     GROUNDING_PRESETS,
     CheckpointError,
     GroundingModel,
     load_grounding_model,
 )
-from training.models.tokenizer import QueryTokenizer
 
 
 @pytest.fixture(scope="module")
 def baby():
     torch.manual_seed(0)
-    tok = QueryTokenizer.synthetic()
+    tok = synthetic_tokenizer()
     model = GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).eval()
     # Random heads so outputs depend on everything (the default init zeroes the box head's last layer).
     for p in model.parameters():

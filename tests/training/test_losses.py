@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from training.losses import DetectionTargets, detection_loss, match, pairwise_giou, ranking_loss
+from diffprompt.training.losses import DetectionTargets, detection_loss, match, pairwise_giou, ranking_loss
 
 
 def test_ranking_loss_by_hand():

@@ -15,9 +15,9 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from training.data.masks import mask_to_rle, rle_area, rle_to_mask, segmentation_to_rle
-from training.data.mdetr import check_images, load_mdetr
-from training.data.records import DatasetError
+from diffprompt.training.data.masks import mask_to_rle, rle_area, rle_to_mask, segmentation_to_rle
+from diffprompt.training.data.mdetr import check_images, load_mdetr
+from diffprompt.training.data.records import DatasetError
 
 H, W = 30, 40
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; harmless here.
@@ -160,7 +160,7 @@ def test_multi_annotation_entry_gives_k_boxes(tmp_path: Path) -> None:
 
 def test_entries_without_annotations_are_skipped_and_counted(tmp_path: Path, caplog) -> None:
     data = {"images": [_image(1), _image(2), _image(3)], "annotations": [_ann(1, 2, [0, 0, 1, 1])]}
-    with caplog.at_level(logging.WARNING, logger="training.data.mdetr"):
+    with caplog.at_level(logging.WARNING, logger="diffprompt.training.data.mdetr"):
         samples = load_mdetr(_write(tmp_path, data))
     assert [s.sample_id for s in samples] == [2]
     assert samples.num_skipped == 2 and isinstance(samples, list)

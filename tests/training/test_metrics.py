@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from numpy.typing import ArrayLike
 
-from training.evaluation.metrics import (
+from diffprompt.training.evaluation.metrics import (
     ALL_GROUP,
     RecallAccumulator,
     RecallRow,

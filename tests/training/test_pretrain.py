@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from diffprompt.training.models.grounding import load_grounding_model
+from diffprompt.training.pretrain_foundation import build_parser, main
 from tests.torchrun_util import run_torchrun
-from training.models.grounding import load_grounding_model
-from training.pretrain_foundation import build_parser, main
 
 
 def _args(world: Path, tmp: Path, *extra: str):
@@ -41,7 +41,7 @@ def test_two_steps_save_a_loadable_foundation_and_resume(small_world, tmp_path):
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(small_world, tmp_path):
-    from training.models.grounding import CheckpointError
+    from diffprompt.training.models.grounding import CheckpointError
 
     with pytest.raises(CheckpointError, match="config.json"):
         main(_args(small_world, tmp_path, "--steps", "2", "--resume", str(tmp_path / "nope")))
@@ -53,8 +53,8 @@ def test_torchrun_two_gloo_processes_stay_in_sync(small_world, tmp_path):
     script = tmp_path / "ddp_check.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
-        "from training.pretrain_foundation import build_parser, main\n"
-        "import training.pretrain_foundation as pf\n"
+        "from diffprompt.training.pretrain_foundation import build_parser, main\n"
+        "import diffprompt.training.pretrain_foundation as pf\n"
         "seen = {}\n"
         "orig = pf.save_final\n"
         "args = build_parser().parse_args(sys.argv[1:])\n"

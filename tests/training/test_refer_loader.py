@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from training.data.masks import rle_to_mask
-from training.data.records import DatasetError
-from training.data.refer import VALID_SPLITS, load_refer, safe_load_refs
+from diffprompt.training.data.masks import rle_to_mask
+from diffprompt.training.data.records import DatasetError
+from diffprompt.training.data.refer import VALID_SPLITS, load_refer, safe_load_refs
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.data.synthetic.expressions import GENERATORS, category_queries
-from training.data.synthetic.language import Category, evaluate, kind_of, parse, to_text
-from training.data.synthetic.splits import SPLITS, generate_image
-from training.data.synthetic.world import (
+from diffprompt.training.data.synthetic.expressions import GENERATORS, category_queries
+from diffprompt.training.data.synthetic.language import Category, evaluate, kind_of, parse, to_text
+from diffprompt.training.data.synthetic.splits import SPLITS, generate_image
+from diffprompt.training.data.synthetic.world import (
     BACKGROUND_GRAY,
     CANVAS,
     COLORS,
@@ -110,7 +110,7 @@ def test_category_queries_have_every_matching_object_as_target(seed):
 
 def test_evaluator_rejects_ambiguity():
     # Two identical red stars side by side: "the red star" is ambiguous, "the leftmost red star" is not.
-    from training.data.synthetic.world import SceneObject
+    from diffprompt.training.data.synthetic.world import SceneObject
 
     def obj(x, shape="star", color="red"):
         m = draw_mask(shape, x, 60, 16)

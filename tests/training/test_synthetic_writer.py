@@ -8,10 +8,10 @@ import numpy as np
 from PIL import Image
 
 from diffprompt.cli import main as cli_main
-from training.data.masks import rle_to_mask
-from training.data.mdetr import check_images, load_mdetr
-from training.data.synthetic.language import evaluate, parse
-from training.data.synthetic.splits import SPLITS, generate_image
+from diffprompt.training.data.masks import rle_to_mask
+from diffprompt.training.data.mdetr import check_images, load_mdetr
+from diffprompt.training.data.synthetic.language import evaluate, parse
+from diffprompt.training.data.synthetic.splits import SPLITS, generate_image
 
 
 def test_written_split_round_trips(small_world):
@@ -48,7 +48,7 @@ def test_cli_writes_a_split_and_a_preview(tmp_path, capsys):
 
 
 def test_no_temporary_file_is_left_behind(tmp_path):
-    from training.data.synthetic.writer import write_split
+    from diffprompt.training.data.synthetic.writer import write_split
 
     write_split(SPLITS["val"], tmp_path, n_images=2, progress=False)
     assert not list(tmp_path.glob("*.tmp"))

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -20,30 +19,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from training.data.records import DatasetError, GroundingSample
-from training.losses import DetectionTargets
-from training.models.preprocess import pixels_to_normalized, preprocess_image
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How images enter the model: the grounding config's input fields."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize_mode: str
-
-    @classmethod
-    def from_config(cls, config) -> "ImageSpec":
-        return cls(config.image_size, tuple(config.image_mean), tuple(config.image_std), config.resize_mode)
+from diffprompt.training.data.records import DatasetError, GroundingSample
+from diffprompt.training.losses import DetectionTargets
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.core.boxes import pixels_to_normalized
 
 
 def load_pixels(sample: GroundingSample, spec: ImageSpec) -> np.ndarray:
     """(3, S, S) float32 for the sample's image; DatasetError naming the file if unreadable."""
     try:
         with Image.open(sample.image_path) as im:
-            return preprocess_image(im, spec.image_size, spec.mean, spec.std, spec.resize_mode)
+            return spec.preprocess(im)
     except (OSError, ValueError) as e:
         raise DatasetError(f"{sample.image_path}: cannot read image ({e})") from e
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from training.data.masks import segmentation_to_rle
-from training.data.records import (
+from diffprompt.training.data.masks import segmentation_to_rle
+from diffprompt.training.data.records import (
     EXPRESSION_KINDS,
     UNKNOWN_KIND,
     DatasetError,

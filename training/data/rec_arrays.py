@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data.grounding_dataset import ImageSpec, load_pixels
-from training.data.masks import rle_to_mask
-from training.data.records import GroundingSample
-from training.models.preprocess import mask_to_input_frame, pixels_to_normalized
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.training.data.grounding_dataset import load_pixels
+from diffprompt.training.data.masks import rle_to_mask
+from diffprompt.training.data.records import GroundingSample
+from diffprompt.core.images import mask_to_input_frame
+from diffprompt.core.boxes import pixels_to_normalized
 
 
 def target_mask(sample: GroundingSample, size: int, resize_mode: str) -> np.ndarray:

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from training.data.mdetr import bbox_xywh_to_xyxy, masks_from_segmentations, read_json
-from training.data.records import UNKNOWN_KIND, DatasetError, GroundingSample
+from diffprompt.training.data.mdetr import bbox_xywh_to_xyxy, masks_from_segmentations, read_json
+from diffprompt.training.data.records import UNKNOWN_KIND, DatasetError, GroundingSample
 
 #: Splits used by RefCOCO / RefCOCO+ (train, val, testA, testB) and RefCOCOg-umd (train, val, test).
 VALID_SPLITS = ("train", "val", "testA", "testB", "test")

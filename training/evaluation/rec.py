@@ -4,7 +4,7 @@
 pairs and returns, per pair, every box of the model ranked by score, in pixels of the original
 image. The model is a `DiffPromptPipeline` (foundation + prompt learner + generator), a bare
 `GroundingModel` (the frozen foundation alone), or anything with the same `image_spec` and
-`score(pixels, ids, mask, seeds)` (model_export.evaluation.OnnxPipeline: an exported artifact).
+`score(pixels, ids, mask, seeds)` (diffprompt.core.runtime.GroundingRuntime: an exported artifact).
 
 Diff-Prompt's noise is seeded per expression: seed `sample_seed(seed, sample_id)`, so a result
 does not depend on the batch it was computed in.
@@ -19,13 +19,13 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.data.grounding_dataset import RecDataset, rec_collate
-from training.data.records import GroundingSample
-from training.evaluation.metrics import RecallAccumulator, ranked_by_score
-from training.models.diffprompt import DiffPromptPipeline
-from training.models.grounding import GroundingModel
-from training.models.preprocess import boxes_to_pixels
-from training.models.tokenizer import QueryTokenizer
+from diffprompt.core.boxes import boxes_to_pixels
+from diffprompt.core.tokenizer import QueryTokenizer
+from diffprompt.training.data.grounding_dataset import RecDataset, rec_collate
+from diffprompt.training.data.records import GroundingSample
+from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
+from diffprompt.training.models.diffprompt import DiffPromptPipeline
+from diffprompt.training.models.grounding import GroundingModel
 
 
 @dataclass

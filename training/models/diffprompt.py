@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from training.models.grounding import GroundingModel, GroundingOutput, load_grounding_model
-from training.models.mask_vae import decode_latents, load_mask_vae
-from training.models.prompt_dit import PromptDiT
-from training.models.prompt_learners import PromptLearner, prompted_forward
-from training.models.prompt_sampler import make_scheduler, sample_prompt_latents
-from training.models.tokenizer import TOKENIZER_FILE, QueryTokenizer
+from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
+from diffprompt.training.models.grounding import GroundingModel, GroundingOutput, load_grounding_model
+from diffprompt.training.models.mask_vae import decode_latents, load_mask_vae
+from diffprompt.training.models.prompt_dit import PromptDiT
+from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
+from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
 
 PIPELINE_FILE = "pipeline.json"
 SCHEDULER_FILE = "scheduler_config.json"
@@ -105,7 +105,7 @@ class DiffPromptPipeline:
 
     @property
     def image_spec(self):
-        from training.data.grounding_dataset import ImageSpec
+        from diffprompt.core.image_spec import ImageSpec
 
         return ImageSpec.from_config(self.foundation.config)
 

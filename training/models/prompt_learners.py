@@ -34,7 +34,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from training.models.grounding import (
+from diffprompt.training.models.grounding import (
     BoxPredictionHead,
     ClassPredictionHead,
     GroundingConfig,

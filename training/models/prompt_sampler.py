@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from diffprompt.core.pipeline import initial_noise
+
 SCHEDULER_DEFAULTS = dict(
     num_train_timesteps=100,  # the paper's T
     beta_schedule="squaredcos_cap_v2",  # cosine (Nichol & Dhariwal): sensible at T = 100
@@ -60,11 +62,6 @@ def kept_outputs(scheduler: DDIMScheduler, steps: int, depth: int) -> list[int]:
     levels = output_noise_levels(scheduler, steps)
     # nearest level; on a tie the later (cleaner) output
     return [int(len(levels) - 1 - np.argmin(np.abs(levels[::-1] - reference[j]))) for j in ref_index]
-
-
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
-    """(B, *shape) float32 standard normal, one PCG64 stream per sample seed."""
-    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in seeds])
 
 
 @torch.no_grad()

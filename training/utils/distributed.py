@@ -1,6 +1,6 @@
 """torchrun / DDP set-up: gloo on CPU, NCCL on GPUs; a single process needs nothing.
 
-    torchrun --nproc_per_node 2 -m training.pretrain_foundation ...   # one host
+    torchrun --nproc_per_node 2 -m diffprompt.training.pretrain_foundation ...   # one host
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m ...  # multi-node
 """
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from service.api.deps import EngineDep, GroundInputDep, require_api_key
-from service.schemas import ErrorResponse, GroundForm, GroundRequest, GroundResponse
+from diffprompt.service.api.deps import EngineDep, GroundInputDep, require_api_key
+from diffprompt.service.schemas import ErrorResponse, GroundForm, GroundRequest, GroundResponse
 
 router = APIRouter(prefix="/v1", tags=["grounding"], dependencies=[Depends(require_api_key)])
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import EngineDep
-from service.engine import EngineState
-from service.errors import EngineFailed, NotReady, ShuttingDown
-from service.schemas import ErrorResponse, HealthResponse, ReadyResponse
+from diffprompt.service.api.deps import EngineDep
+from diffprompt.service.engine import EngineState
+from diffprompt.service.errors import EngineFailed, NotReady, ShuttingDown
+from diffprompt.service.schemas import ErrorResponse, HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
 

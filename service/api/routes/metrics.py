@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.api.deps import MetricsDep
+from diffprompt.service.api.deps import MetricsDep
 
 router = APIRouter(tags=["monitoring"])
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.data.synthetic.splits import SPLITS
+from diffprompt.training.data.synthetic.splits import SPLITS
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.data.synthetic.writer import preview_sheet, write_split
+    from diffprompt.training.data.synthetic.writer import preview_sheet, write_split
 
     names = list(SPLITS) if args.split == "all" else [args.split]
     if args.action == "write":

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from training.data.synthetic.language import (
+from diffprompt.training.data.synthetic.language import (
     DIRECTIONS,
     ORDINALS,
     RELATIONS,
@@ -26,7 +26,7 @@ from training.data.synthetic.language import (
     Ordinal,
     Relation,
 )
-from training.data.synthetic.world import SceneObject
+from diffprompt.training.data.synthetic.world import SceneObject
 
 ATTRIBUTE_FIELDS = ("shape", "color", "size")
 

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from training.data.synthetic.world import COLORS, SHAPES, SIZES, SceneObject
+from diffprompt.training.data.synthetic.world import COLORS, SHAPES, SIZES, SceneObject
 
 TIE_MARGIN = 4.0  # px between box centres for "leftmost" / "second from the left" to be clear
 NOUN_ANY = "shape"  # the noun used when the shape is not part of a description

@@ -20,9 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
-from training.data.synthetic.expressions import category_queries, sample_expressions
-from training.data.synthetic.language import Expression
-from training.data.synthetic.world import Scene, sample_scene
+from diffprompt.training.data.synthetic.expressions import category_queries, sample_expressions
+from diffprompt.training.data.synthetic.language import Expression
+from diffprompt.training.data.synthetic.world import Scene, sample_scene
 
 REC_KINDS = ("attribute", "absolute", "relation", "ordinal")
 

@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from training.data.masks import mask_to_rle
-from training.data.synthetic.language import kind_of, to_text
-from training.data.synthetic.splits import SplitSpec, generate_image
+from diffprompt.training.data.masks import mask_to_rle
+from diffprompt.training.data.synthetic.language import kind_of, to_text
+from diffprompt.training.data.synthetic.splits import SplitSpec, generate_image
 
 
 def write_split(spec: SplitSpec, out_dir: Path, n_images: int | None = None, progress: bool = True) -> Path:

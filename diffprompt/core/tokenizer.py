@@ -1,6 +1,7 @@
 """Query tokenizer: text -> fixed-length ids for the CLIP-style text tower (numpy only, no torch).
 
-The embedded default ships a word-level `tokenizers` model over the synthetic vocabulary; a
+The embedded default ships a word-level `tokenizers` model over the synthetic vocabulary
+(`build_word_tokenizer`, with the words from diffprompt.training.data.synthetic.vocabulary); a
 Hugging Face OWL checkpoint brings its own `tokenizer.json` (CLIP BPE). Both follow CLIP's
 conventions, which the text tower relies on:
 
@@ -21,17 +22,6 @@ from tokenizers.processors import TemplateProcessing
 
 TOKENIZER_FILE = "tokenizer.json"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-
-
-def synthetic_vocabulary() -> list[str]:
-    """Every word the synthetic grammar can produce, in a fixed order."""
-    from training.data.synthetic.language import DIRECTIONS, NOUN_ANY, ORDINALS, RELATIONS, SIDES
-    from training.data.synthetic.world import COLORS, SHAPES, SIZES
-
-    words = ["the", "from", NOUN_ANY, *SIZES, *COLORS, *SHAPES, *DIRECTIONS, *ORDINALS, *SIDES]
-    for relation in RELATIONS:
-        words.extend(relation.split())
-    return list(dict.fromkeys(words))  # de-duplicated, order kept
 
 
 def build_word_tokenizer(words: list[str]) -> Tokenizer:
@@ -68,10 +58,6 @@ class QueryTokenizer:
         if not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer file missing")
         return cls(Tokenizer.from_file(str(path)), max_length)
-
-    @classmethod
-    def synthetic(cls, max_length: int = 16) -> QueryTokenizer:
-        return cls(build_word_tokenizer(synthetic_vocabulary()), max_length)
 
     @property
     def vocab_size(self) -> int:

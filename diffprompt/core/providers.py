@@ -110,6 +110,23 @@ def profile_shapes(input_shapes: InputShapes, batch: int) -> str:
     )
 
 
+def engine_cache_subdir(root: str | os.PathLike, model_version: str) -> str:
+    """`root/<model_version>/onnxruntime-<v>[-tensorrt-<v>]`: TensorRT engines are valid for one model
+    and one runtime build only, so each gets its own directory (compute capability is in the file names)."""
+    import onnxruntime
+
+    if not model_version or any(c in model_version for c in "/\\") or model_version in (".", ".."):
+        raise ValueError(f"model_version {model_version!r} cannot name a cache directory")
+    runtime = f"onnxruntime-{onnxruntime.__version__}"
+    try:
+        import tensorrt  # only on GPU hosts with the TensorRT wheel
+
+        runtime += f"-tensorrt-{tensorrt.__version__}"
+    except ImportError:
+        pass
+    return os.path.join(os.fspath(root), model_version, runtime)
+
+
 def available_providers() -> list[str]:
     """The execution providers this onnxruntime build offers."""
     import onnxruntime

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.models.preprocess import boxes_to_pixels, pixels_to_normalized, preprocess_image
-from training.models.tokenizer import QueryTokenizer
+from diffprompt.core.boxes import boxes_to_pixels, pixels_to_normalized
+from diffprompt.core.images import preprocess_image
+from diffprompt.core.tokenizer import QueryTokenizer
+from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
 
 
 def test_ids_follow_owl_conventions(tmp_path):
-    tok = QueryTokenizer.synthetic()
+    tok = synthetic_tokenizer()
     ids, mask = tok(["The  RED star", "the second shape from the left"])
     assert ids.shape == (2, 16) and ids.dtype == np.int64
     assert (ids[:, 0] > 0).all()  # first id non-zero: not a padding query
@@ -24,7 +26,7 @@ def test_ids_follow_owl_conventions(tmp_path):
 
 
 def test_unknown_words_and_truncation_keep_eos():
-    tok = QueryTokenizer.synthetic(max_length=6)
+    tok = synthetic_tokenizer(max_length=6)
     ids, _ = tok(["the big fluffy red star on the left side"])
     assert ids[0, -1] == tok.vocab_size - 1
     unk = tok.tokenizer.token_to_id("<unk>")

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from model_export.providers import (
+from diffprompt.core.providers import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     TENSORRT_PROVIDER,
@@ -101,7 +101,7 @@ def test_engine_cache_dir_is_created_and_used(tmp_path):
 
 
 def test_cuda_and_cpu_only_skips_tensorrt_with_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="model_export.providers"):
+    with caplog.at_level(logging.WARNING, logger="diffprompt.core.providers"):
         providers = select_providers(
             ProviderConfig(), SHAPES, available=["CUDAExecutionProvider", "CPUExecutionProvider"]
         )
@@ -112,7 +112,7 @@ def test_cuda_and_cpu_only_skips_tensorrt_with_warning(caplog):
 
 
 def test_cpu_only_host(caplog):
-    with caplog.at_level(logging.WARNING, logger="model_export.providers"):
+    with caplog.at_level(logging.WARNING, logger="diffprompt.core.providers"):
         providers = select_providers(ProviderConfig(), SHAPES, available=["CPUExecutionProvider"])
     assert providers == [(CPU_PROVIDER, {})]
     warned = " ".join(r.getMessage() for r in caplog.records)
@@ -199,7 +199,7 @@ def test_real_cpu_session_runs_with_selected_providers(tmp_path):
 def test_module_never_imports_torch():
     code = (
         "import sys\n"
-        "import model_export.providers as p\n"
+        "import diffprompt.core.providers as p\n"
         "assert 'onnxruntime' not in sys.modules, 'onnxruntime must be imported lazily'\n"
         "p.select_providers(p.ProviderConfig(), {'x': ('batch', 4)})\n"
         "p.session_options(p.ProviderConfig())\n"

@@ -1,0 +1,101 @@
+"""The Diff-Prompt inference pipeline over an artifact's graphs, written once for every runtime.
+
+    result = run_pipeline(infer, manifest, pixels, input_ids, attention_mask, seeds)
+
+`infer(graph name, {input name: array}, [output names]) -> [arrays]` runs one exported graph:
+an onnxruntime session in `GroundingRuntime`, a BLS call in the Triton Python model. For a
+Diff-Prompt artifact the pipeline is
+
+    condition_encoder -> DDIM loop (one `denoiser` call per step, numpy update) -> prompt_builder -> grounding
+
+and for a foundation or baseline artifact just `grounding`. The schedule, kept outputs,
+condition names, latent shape, prediction type and clip range come from the typed manifest.
+Noise is numpy PCG64 per seed (`initial_noise`), as in training, so PyTorch, onnxruntime and
+Triton agree for the same seed. numpy only: the Triton model imports this file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from diffprompt.core.ddim import ddim_update
+from diffprompt.core.manifest import Manifest
+
+Infer = Callable[[str, dict[str, np.ndarray], list[str]], list[np.ndarray]]
+STAGES = ("condition", "sampler", "prompt_builder", "grounding")
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+    """(B, *shape) float32 standard normal, one PCG64 stream per sample seed."""
+    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in seeds])
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass
+class GroundingResult:
+    scores: np.ndarray  # (B, P) in [0, 1]
+    boxes: np.ndarray  # (B, P, 4) cxcywh in [0, 1] of the model's input square
+    mask_logits: np.ndarray | None  # (B, m, m) the final generated mask (logits > 0 = mask), Diff-Prompt only
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage (STAGES), wall clock
+
+
+def _outputs(manifest: Manifest, graph: str) -> list[str]:
+    return [o.name for o in manifest.graphs[graph].outputs]
+
+
+def sample_kept_latents(infer: Infer, manifest: Manifest, conditions: dict[str, np.ndarray],
+                        seeds: Sequence[int]) -> np.ndarray:
+    """DDIM (eta = 0) from seeded noise over the denoiser graph -> kept latents (B, n, C, h, w)."""
+    sampler = manifest.sampler
+    if sampler is None:
+        raise ValueError(f"{manifest.model_version} has no sampler (method {manifest.method!r})")
+    x = initial_noise(seeds, sampler.latent_shape)  # (B, C, h, w)
+    feeds = {name: conditions[name] for name in sampler.denoiser_conditions}
+    outputs = _outputs(manifest, "denoiser")
+    kept: dict[int, np.ndarray] = {}
+    for i, step in enumerate(sampler.schedule):
+        t = np.full((len(x),), step.timestep, dtype=np.int64)  # (B,)
+        (model_output,) = infer("denoiser", {"latents": x, "timesteps": t, **feeds}, outputs)
+        x = ddim_update(x, model_output, step, sampler.prediction_type, sampler.clip_sample_range)
+        if i in sampler.kept_outputs:
+            kept[i] = x
+    return np.ascontiguousarray(np.stack([kept[i] for i in sampler.kept_outputs], axis=1))
+
+
+def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids: np.ndarray,
+                 attention_mask: np.ndarray, seeds: Sequence[int],
+                 clock: Callable[[], float] = time.perf_counter) -> GroundingResult:
+    """One batch of B rows through the artifact's graphs.
+
+    pixels (B, 3, S, S) float32 normalised, input_ids / attention_mask (B, T) int64, one seed per row.
+    """
+    base = {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+    if len(seeds) != len(base["pixel_values"]):
+        raise ValueError(f"{len(seeds)} seeds for a batch of {len(base['pixel_values'])}")
+    if manifest.sampler is None:
+        t0 = clock()
+        logits, boxes = infer("grounding", base, _outputs(manifest, "grounding"))
+        return GroundingResult(sigmoid(logits), boxes, None, {"grounding": clock() - t0})
+    t0 = clock()
+    conditions = dict(zip(_outputs(manifest, "condition_encoder"),
+                          infer("condition_encoder", base, _outputs(manifest, "condition_encoder"))))
+    t1 = clock()
+    kept = sample_kept_latents(infer, manifest, conditions, seeds)
+    t2 = clock()
+    vision, text, masks = infer("prompt_builder", {"kept_latents": kept}, _outputs(manifest, "prompt_builder"))
+    t3 = clock()
+    logits, boxes = infer("grounding", {**base, "vision_prompts": vision, "text_prompts": text},
+                          _outputs(manifest, "grounding"))
+    t4 = clock()
+    seconds = {"condition": t1 - t0, "sampler": t2 - t1, "prompt_builder": t3 - t2, "grounding": t4 - t3}
+    mask_logits = np.ascontiguousarray(masks[:, 0, 0], dtype=np.float32)  # shallowest layer's mask = final x0
+    return GroundingResult(sigmoid(logits), boxes, mask_logits, seconds)
