@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from diffprompt.core.ddim import DDIMStep, steps_from_table
+from diffprompt.core.errors import UserError
 from diffprompt.core.image_spec import ImageSpec
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact directory is missing, incomplete, altered, or used against its manifest."""
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from diffprompt.core.errors import UserError
+
 #: Expression kinds of the synthetic world; user datasets without a kind get "unknown".
 EXPRESSION_KINDS = ("category", "attribute", "absolute", "relation", "ordinal")
 UNKNOWN_KIND = "unknown"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset file is missing, unreadable or malformed. The message names the file."""
 
 

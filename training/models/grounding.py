@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffprompt.core.errors import UserError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "diffprompt-grounding"
@@ -518,7 +520,7 @@ class GroundingModel(nn.Module):
 # ----------------------------------------------------------------------------- loading
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory is missing files or does not match the architecture."""
 
 
