@@ -219,9 +219,9 @@ def share_cpu_arena() -> None:
     info = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
                                      onnxruntime.OrtMemType.DEFAULT)
     try:
-        # (max_mem 0 = unlimited, arena_extend_strategy 1 = kSameAsRequested: grow by what is asked, not
-        # to the next power of two, which left a second, unused copy of the largest activation resident)
-        onnxruntime.create_and_register_allocator(info, onnxruntime.OrtArenaCfg(0, 1, -1, -1))
+        # onnxruntime's defaults: unlimited, grown to the next power of two. Growing by exactly what is
+        # asked (kSameAsRequested) fragments on a real model: OWLv2 batch 1 held 3.6 GB instead of 2.4.
+        onnxruntime.create_and_register_allocator(info, onnxruntime.OrtArenaCfg(0, -1, -1, -1))
     except Exception as e:  # onnxruntime raises its own types; "already registered" is fine
         if "already" not in str(e).lower():
             raise

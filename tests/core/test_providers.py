@@ -253,5 +253,5 @@ def test_sessions_share_one_cpu_arena():
         assert proc.returncode == 0, proc.stderr
         grown[mode] = int(proc.stdout.split()[-1])
     intermediate = 6000 * 6000 * 4
-    assert grown["own"] > 1.7 * intermediate  # each session kept its own arena at its peak
-    assert grown["shared"] < 1.3 * intermediate, grown  # the second session reused the first one's memory
+    assert grown["own"] > 1.7 * intermediate, grown  # each session keeps its own arena at its peak
+    assert grown["shared"] < 0.6 * grown["own"], grown  # the second session reuses the first one's memory
