@@ -39,6 +39,7 @@ async def read_multipart(content_type: str, chunks: AsyncIterator[bytes], max_pa
     if not boundary:
         raise BadRequest("the multipart/form-data body has no boundary parameter")
     parts: list[FormPart] = []
+    ended: list[bool] = []  # on_end: the closing boundary was seen
     headers: dict[bytes, bytes] = {}
     header_name, header_value = bytearray(), bytearray()
 
@@ -59,8 +60,6 @@ async def read_multipart(content_type: str, chunks: AsyncIterator[bytes], max_pa
             raise BadRequest("a form part has no Content-Disposition name")
         parts[-1].name = options[b"name"].decode("utf-8", errors="replace")
         parts[-1].is_file = b"filename" in options
-
-    ended = []
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin,
