@@ -66,6 +66,10 @@ class Settings(BaseSettings):
 
     # -- input limits ----------------------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
+    body_drain_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="after a 413 body_too_large, read and discard the rest of a body up to "
+                                            "this size (so clients that send all before reading see the 413)")
+    body_drain_timeout_s: float = Field(30.0, ge=0, description="longest time spent discarding such a body")
     max_image_pixels: int = Field(25_000_000, ge=64 * 64, description="width x height cap (413 beyond)")
     max_expression_chars: int = Field(256, ge=1, le=10_000, description="expression length cap")
     default_top_k: int = Field(5, ge=1, le=100, description="boxes returned when top_k is not given")

@@ -81,6 +81,7 @@ def test_the_wheel_installs_one_namespace(unpacked_wheel):
     for sub in ("core", "training", "model_export", "service"):
         assert (pkg / sub / "__init__.py").exists(), sub
     assert (pkg / "service" / "static" / "index.html").exists()
+    assert (pkg / "service" / "static" / "favicon.ico").exists()
     assert sorted(p.name for p in (pkg / "service" / "static" / "samples").glob("*.png"))
     assert (pkg / "model_export" / "triton_model.py").exists()
 
