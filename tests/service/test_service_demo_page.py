@@ -1,7 +1,7 @@
 """The demo page and /docs in headless Chromium (Debian's binary via Playwright): pick/upload, ground,
 see boxes whose labels do not cover each other; the OpenAPI docs render their operations.
 
-Saves docs/images/demo_page.png, and runs/test-artifacts/demo_page_labels.png. Both pages must work
+Saves runs/test-artifacts/demo_page.png (docs/images/demo_page.png is a copy) and demo_page_labels.png. Both pages must work
 offline: every request goes to the service itself; any other is refused and fails the test.
 """
 
@@ -17,7 +17,7 @@ from PIL import Image
 from service_testkit import REPO, encode, exif_rotated_jpeg, rgb_image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = REPO / "docs" / "images" / "demo_page.png"
+SCREENSHOT = REPO / "runs" / "test-artifacts" / "demo_page.png"  # docs/images/demo_page.png is a copy of it
 ARTIFACTS = REPO / "runs" / "test-artifacts"
 # No sandbox (root in a container), no GPU, and none of Chromium's own traffic (updates, sync, ...).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
