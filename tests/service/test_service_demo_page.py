@@ -1,8 +1,8 @@
 """The demo page and /docs in headless Chromium (Debian's binary via Playwright): pick/upload, ground,
 see boxes whose labels do not cover each other; the OpenAPI docs render their operations.
 
-Saves runs/test-artifacts/demo_page.png (docs/images/demo_page.png is a copy) and demo_page_labels.png. Both pages must work
-offline: every request goes to the service itself; any other is refused and fails the test.
+Saves runs/test-artifacts/demo_page.png (docs/images/demo_page.png is a copy) and demo_page_labels.png.
+Both pages must work offline: every request goes to the service itself; any other is refused and fails the test.
 """
 
 from __future__ import annotations
