@@ -117,6 +117,7 @@ class Engine:
         self.manifest: Manifest | None = None
         self.runtime: GroundingRuntime | None = None
         self.max_batch_size = settings.max_batch_size  # lowered at load time if memory cannot hold it
+        self.request_timeout_s = settings.request_timeout_s  # raised at load time for a slow model (_fit_timeout)
         self.batcher: MicroBatcher[_Item, _Raw] | None = None
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="diffprompt-infer")
         self._cpu_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="diffprompt-cpu")
@@ -196,9 +197,24 @@ class Engine:
             cap = batch_cap(per_item, available_bytes(), s.memory_fraction, warmed, s.max_batch_size)
             log.info("one batch item holds ~%.0f MB; batches capped at %d (max_batch_size %d)",
                      per_item / 2**20, cap, s.max_batch_size)
-        if cap > warmed:
-            runtime.warmup((cap,))
+        start = time.perf_counter()
+        runtime.warmup((cap,))  # again if it already ran: this run is timed warm
+        self._fit_timeout(time.perf_counter() - start)
         return cap
+
+    def _fit_timeout(self, full_batch_s: float) -> None:
+        """Unless request_timeout_s was set, give a request time for 4 full batches (its own and the queue's).
+
+        30 s suits the embedded default (milliseconds per batch); OWLv2 B/16 at 960 px on a CPU takes
+        tens of seconds per batch, and every request would time out under the default.
+        """
+        s = self.settings
+        if "request_timeout_s" in s.model_fields_set:
+            return
+        self.request_timeout_s = max(s.request_timeout_s, round(4 * full_batch_s, 1))
+        if self.request_timeout_s > s.request_timeout_s:
+            log.info("a full batch takes %.1f s: request timeout raised to %.1f s (set "
+                     "DIFFPROMPT_REQUEST_TIMEOUT_S to choose)", full_batch_s, self.request_timeout_s)
 
     def _engine_cache_dir(self) -> str | None:
         """The TensorRT engine cache of this model and runtime build (deploy/README.md, section 6)."""
@@ -254,7 +270,7 @@ class Engine:
         return {"model_version": self.model_version, "ddim_steps": self.ddim_steps,
                 "method": self.method or None, "provider": rt.provider if rt else None,
                 "providers": rt.describe() if rt else None, "makes_masks": self.makes_masks,
-                "max_batch_size": self.max_batch_size}
+                "max_batch_size": self.max_batch_size, "request_timeout_s": self.request_timeout_s}
 
     # -- inference --------------------------------------------------------------------------------
 
@@ -272,11 +288,11 @@ class Engine:
             raise MaskUnavailable(f"{self.model_version} ({self.method}) generates no mask; "
                                   "send return_mask=false")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout_s
+        deadline = loop.time() + self.request_timeout_s
         width, height, pixels = await self._timed("decode", self._prepare, image)
         if loop.time() >= deadline:
-            raise RequestTimeout(f"decoding took longer than request_timeout_s = {self.settings.request_timeout_s}",
-                                 detail={"timeout_s": self.settings.request_timeout_s})
+            raise RequestTimeout(f"decoding took longer than request_timeout_s = {self.request_timeout_s}",
+                                 detail={"timeout_s": self.request_timeout_s})
         raw = await self.batcher.submit(_Item(pixels, options.expression, options.seed), deadline - loop.time())
         return await self._timed("postprocess", self._postprocess, raw, width, height, options)
 

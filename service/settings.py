@@ -60,7 +60,8 @@ class Settings(BaseSettings):
                                    "that a batch may take (sizes the batch cap; ignored with warmup_batch_sizes)")
     max_wait_ms: float = Field(5.0, ge=0, le=60_000, description="how long a batch waits to fill up")
     max_queue: int = Field(64, ge=1, description="requests admitted but not yet running; more -> 503")
-    request_timeout_s: float = Field(30.0, gt=0, description="queue wait + inference budget per request; -> 504")
+    request_timeout_s: float = Field(30.0, gt=0, description="queue wait + inference budget per request; -> 504 "
+                                     "(if not set, raised at start-up to 4 full batches on a slow CPU model)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 503")
     preprocess_threads: int = Field(2, ge=1, le=64, description="threads decoding images and encoding masks")
 

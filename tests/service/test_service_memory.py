@@ -51,3 +51,23 @@ def test_a_tight_memory_budget_caps_the_batch(start_server):
 def test_a_roomy_budget_keeps_max_batch_size(start_server):
     srv = start_server(max_batch_size=8)
     assert srv.client.get("/readyz").json()["model"]["max_batch_size"] == 8
+
+
+@pytest.mark.parametrize("given, full_batch_s, expected", [
+    ({}, 0.004, 30.0),  # the embedded default: milliseconds per batch keep the default
+    ({}, 40.0, 160.0),  # OWLv2 at 960 px on a CPU: room for 4 full batches
+    ({"request_timeout_s": 12.0}, 40.0, 12.0),  # set by the user: kept as it is
+])
+def test_the_request_timeout_fits_a_slow_model_unless_set(tiny_artifact, given, full_batch_s, expected):
+    from diffprompt.service.engine import Engine
+    from diffprompt.service.metrics import Metrics
+    from diffprompt.service.settings import Settings
+
+    engine = Engine(Settings(artifact_dir=tiny_artifact, **given), Metrics())
+    engine._fit_timeout(full_batch_s)
+    assert engine.request_timeout_s == expected
+
+
+@pytest.mark.slow
+def test_the_server_reports_its_timeout(start_server):
+    assert start_server().client.get("/readyz").json()["model"]["request_timeout_s"] == 30.0
