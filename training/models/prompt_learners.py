@@ -149,11 +149,14 @@ class PromptLearner(PretrainedModel):
 
     config_class = LearnerConfig
     model_type = "diffprompt-prompt-learner"
-    method: ClassVar[str]  # set by @register
+    method: ClassVar[str] = ""  # set by @register
     towers: ClassVar[tuple[str, ...]] = ()  # which towers get deep prompts: "vision", "text"
     needs_masks: ClassVar[bool] = False  # Diff-Prompt: prompts are built from generated masks
 
     def __init__(self, config: LearnerConfig):
+        if not self.method:
+            raise TypeError(f"{type(self).__name__} is no registered method: build learners with "
+                            "PromptLearner.from_config(config) or PromptLearner.for_foundation(...)")
         super().__init__(config)
         if config.method != self.method:
             raise ValueError(f"{type(self).__name__} is method {self.method!r}, the config says {config.method!r}")
