@@ -6,7 +6,9 @@
 
 Each directory is one deployable model with one fixed DDIM step count: the four graphs of
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
-`tokenizer.json`, and `manifest.json` (diffprompt/core/manifest.py says what is in it).
+their weights stored once in `weights.bin` (model_export/shared_weights.py: the foundation runs
+in two graphs but is stored once), `tokenizer.json`, and `manifest.json`
+(diffprompt/core/manifest.py says what is in it).
 Every graph is checked with `onnx.checker` and run once in onnxruntime against PyTorch before
 the manifest is written; the directory appears atomically (written to a staging sibling,
 then swapped in: diffprompt.core.files). The writing itself: model_export/artifact.py.
