@@ -1,15 +1,10 @@
-"""One deployable artifact directory (ONNX graphs + tokenizer + manifest.json) from a PyTorch pipeline.
+"""Write one deployable artifact directory from a PyTorch pipeline (`export_pipeline`).
 
-    export_pipeline(DiffPromptPipeline.from_pretrained("checkpoints/diffprompt"), Path("artifacts/x"), 5, "x", tok)
-
-Each directory is one deployable model with one fixed DDIM step count: the four graphs of
-model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
-their weights stored once in `weights.bin` (model_export/shared_weights.py: the foundation runs
-in two graphs but is stored once), `tokenizer.json`, and `manifest.json`
-(diffprompt/core/manifest.py says what is in it).
-Every graph is checked with `onnx.checker` and run once in onnxruntime against PyTorch before
-the manifest is written; the directory appears atomically (written to a staging sibling,
-then swapped in: diffprompt.core.files). The command is model_export/export.py.
+The graphs of model_export/graphs.py are traced to ONNX, their weights stored once
+(model_export/shared_weights.py), each graph checked with `onnx.checker` and run once in
+onnxruntime against PyTorch; then the tokenizer and manifest.json. Everything is written into a
+staging sibling that then replaces the target (diffprompt.core.files). What a directory holds and
+the command that writes them: model_export/export.py (`diffprompt export`).
 """
 
 from __future__ import annotations
