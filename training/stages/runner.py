@@ -8,7 +8,7 @@
         for epoch in range(args.epochs):
             for idx in batches.epoch(epoch): ...      # this rank's share of the epoch
         if run.is_main:
-            run.save(lambda d: vae.save_pretrained(d))  # --output, written atomically
+            run.save(vae.save_pretrained)               # --output, written atomically
         return run.finish(summary)                    # runs/NNN-mask_vae/summary.json
     # leaving the block drops the DDP wrappers, then the process group
 
