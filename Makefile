@@ -43,8 +43,9 @@ lint: setup
 data: setup
 	$(VENV)/bin/diffprompt data write --split all --out data/synthetic
 
+# Writes runs/foundation; `diffprompt pretrain --output checkpoints/foundation --overwrite` replaces the committed one.
 pretrain: setup
-	$(VENV)/bin/diffprompt pretrain --output checkpoints/foundation
+	$(VENV)/bin/diffprompt pretrain
 
 evaluate: setup
 	$(VENV)/bin/diffprompt evaluate --checkpoint checkpoints/foundation --split heldout val testA testB

@@ -56,7 +56,7 @@ def run(args) -> dict:
     from diffprompt.core.providers import ProviderConfig
     from diffprompt.core.runtime import GroundingRuntime
     from diffprompt.core.tokenizer import TOKENIZER_FILE
-    from diffprompt.model_export.export import export_pipeline
+    from diffprompt.model_export.artifact import export_pipeline
     from diffprompt.training.data.grounding_dataset import load_pixels
     from diffprompt.training.data.mdetr import load_mdetr
     from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline

@@ -54,7 +54,7 @@ def build_random_owl_pipeline(root: Path, family: str = "owlvit", layers: int | 
     from diffprompt.training.models.diffprompt import write_pipeline_file
     from diffprompt.training.models.grounding import load_grounding_model
     from diffprompt.training.models.mask_vae import build_mask_vae
-    from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
+    from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig
     from diffprompt.training.models.prompt_learners import PromptLearner
     from diffprompt.training.models.prompt_sampler import make_scheduler
 
@@ -64,10 +64,11 @@ def build_random_owl_pipeline(root: Path, family: str = "owlvit", layers: int | 
     torch.manual_seed(seed)
     vae = build_mask_vae("embedded")
     vae.save_pretrained(root / "vae")
-    dit = PromptDiT(conditioning="tokens", latent_size=vae.config.sample_size // 4, image_embed_dim=cfg.projection_dim,
-                    text_embed_dim=cfg.projection_dim, image_token_dim=cfg.vision.hidden_size,
-                    text_token_dim=cfg.text.hidden_size, image_grid=cfg.grid_size, context_layers=3,
-                    **PROMPT_DIT_PRESETS["embedded"])
+    dit = PromptDiT(PromptDiTConfig(
+        conditioning="tokens", latent_size=vae.config.latent_size, image_embed_dim=cfg.projection_dim,
+        text_embed_dim=cfg.projection_dim, image_token_dim=cfg.vision.hidden_size,
+        text_token_dim=cfg.text.hidden_size, image_grid=cfg.grid_size, context_layers=3,
+        **PROMPT_DIT_PRESETS["embedded"]))
     dit.save_pretrained(root / "dit")
     make_scheduler({}).save_config(root / "dit")
     learner = PromptLearner.for_foundation(foundation, "diffprompt", mask_size=vae.config.sample_size)

@@ -25,12 +25,11 @@ from diffprompt.core.boxes import boxes_to_pixels
 from diffprompt.core.image_spec import ImageSpec
 from diffprompt.training.data.mdetr import load_mdetr
 from diffprompt.training.data.rec_arrays import load_rec_arrays
-from diffprompt.training.evaluate import load_foundation
 from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
-from diffprompt.training.models.diffprompt import load_dit
-from diffprompt.training.models.mask_vae import decode_latents, load_mask_vae, mask_iou
+from diffprompt.training.models.diffprompt import load_dit, load_foundation
+from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, mask_iou
 from diffprompt.training.models.prompt_sampler import sample_prompt_latents
-from diffprompt.training.train_prompt_dit import compute_conditions
+from diffprompt.training.stages.prompt_dit import compute_conditions
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
 
     foundation, tokenizer = load_foundation(args.foundation)
     foundation.eval()
-    vae = load_mask_vae(args.mask_vae)
+    vae = MaskVAE.from_pretrained(args.mask_vae)
     dit, scheduler = load_dit(args.prompt_dit)
     spec = ImageSpec.from_config(foundation.config)
     samples = list(load_mdetr(f"{args.data_dir}/{args.split}.json"))[: args.limit]

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+import diffprompt.training.stages.prompts as stage3
 import diffprompt.training.train_prompts as tp
 from diffprompt.core.boxes import boxes_to_pixels
 from diffprompt.training.data.mdetr import load_mdetr
@@ -26,7 +27,7 @@ def oracle_masks(data, n):
 
 
 def main() -> None:
-    tp.generated_masks = lambda pipeline, data, ids, mask, seed, **kw: oracle_masks(data, pipeline.learner.mask_layers)
+    stage3.generated_masks = lambda pipeline, data, *_, **__: oracle_masks(data, pipeline.learner.mask_layers)
     args = tp.build_parser().parse_args(sys.argv[1:])
     tp.main(args)
     p = DiffPromptPipeline.from_pretrained(args.output)

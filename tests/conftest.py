@@ -40,7 +40,7 @@ def build_tiny_pipeline(root: Path, conditioning: str = "tokens") -> Path:
     from diffprompt.training.models.diffprompt import write_pipeline_file
     from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
     from diffprompt.training.models.mask_vae import build_mask_vae
-    from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT
+    from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig
     from diffprompt.training.models.prompt_learners import PromptLearner
     from diffprompt.training.models.prompt_sampler import make_scheduler
 
@@ -51,11 +51,12 @@ def build_tiny_pipeline(root: Path, conditioning: str = "tokens") -> Path:
     tok.save(root / "foundation")
     build_mask_vae("baby").save_pretrained(root / "vae")
     cfg = f.config
-    dit = PromptDiT(conditioning=conditioning, latent_size=8, image_embed_dim=cfg.projection_dim,
-                    text_embed_dim=cfg.projection_dim, image_token_dim=cfg.vision.hidden_size,
-                    text_token_dim=cfg.text.hidden_size, image_grid=cfg.grid_size,
-                    context_layers=1 if conditioning == "tokens" else 0,  # the shipped tokens DiT has a pointer head
-                    **PROMPT_DIT_PRESETS["baby"])
+    dit = PromptDiT(PromptDiTConfig(
+        conditioning=conditioning, latent_size=8, image_embed_dim=cfg.projection_dim,
+        text_embed_dim=cfg.projection_dim, image_token_dim=cfg.vision.hidden_size,
+        text_token_dim=cfg.text.hidden_size, image_grid=cfg.grid_size,
+        context_layers=1 if conditioning == "tokens" else 0,  # the shipped tokens DiT has a pointer head
+        **PROMPT_DIT_PRESETS["baby"]))
     for p in dit.parameters():  # move off the zero init so every input matters
         p.data.add_(torch.randn_like(p) * 0.05)
     dit.save_pretrained(root / "dit")

@@ -91,7 +91,8 @@ def run_job(job: Job, cfg: dict) -> dict:
         pipeline = DiffPromptPipeline.foundation_only(cfg["foundation"])
     else:
         argv = ["--method", job.method, "--seed", str(job.seed), "--depth", str(job.depth),
-                "--epochs", str(cfg["epochs"]), "--output", str(out / "model"), "--run-root", str(out / "runs"),
+                "--epochs", str(cfg["epochs"]), "--output", str(out / "model"), "--overwrite",  # an unfinished job
+                "--run-root", str(out / "runs"),
                 "--foundation", cfg["foundation"], "--mask-vae", cfg["mask_vae"], "--data-dir", cfg["data_dir"],
                 "--threads", str(cfg["threads"]), "--eval-every", "0", "--no-progress",
                 "--mask-cache", str(Path(cfg["work_dir"]) / "mask_cache")]
@@ -293,7 +294,7 @@ def train_generators(args, cfg: dict) -> None:
 
     work = Path(args.work_dir)
     common = ["--data-dir", args.data_dir, "--threads", str(cfg["threads"] * args.jobs),
-              "--run-root", str(work / "runs")]
+              "--run-root", str(work / "runs"), "--overwrite"]  # what is there has no config.json: unfinished
     if not (work / "mask_vae" / "config.json").exists():
         train_mask_vae.main(train_mask_vae.build_parser().parse_args(["--output", str(work / "mask_vae"), *common]))
     cfg["mask_vae"] = str(work / "mask_vae")
@@ -314,12 +315,12 @@ def main(args: argparse.Namespace) -> int:
     cfg = {"work_dir": str(work), "foundation": args.foundation, "mask_vae": args.mask_vae,
            "dit_pooled": args.dit_pooled, "dit_tokens": args.dit_tokens, "data_dir": args.data_dir,
            "epochs": args.epochs, "threads": args.threads}
-    from diffprompt.training.pretrain_foundation import ensure_synthetic_split
-    from diffprompt.training.utils.runs import get_logger
+    from diffprompt.training.data.synthetic.writer import ensure_split
+    from diffprompt.training.stages.runner import get_logger
 
     log = get_logger("results", None)
     for split in ("train", *SPLITS):
-        ensure_synthetic_split(Path(args.data_dir), split, None, log, args.progress)
+        ensure_split(Path(args.data_dir), split, None, log, args.progress)
     if args.from_scratch:
         train_generators(args, cfg)
     fcfg = json.loads((Path(args.foundation) / "config.json").read_text())

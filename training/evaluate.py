@@ -22,24 +22,14 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
-from diffprompt.training.data.mdetr import load_mdetr
-from diffprompt.training.evaluation.rec import evaluate_samples
-from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
-from diffprompt.training.models.grounding import load_grounding_model
-
-
-def load_foundation(checkpoint: str | Path):
-    """(model, tokenizer) from a checkpoint directory holding tokenizer.json too."""
-    checkpoint = Path(checkpoint)
-    model = load_grounding_model(checkpoint)
-    tokenizer = QueryTokenizer.from_file(checkpoint / TOKENIZER_FILE, model.config.max_text_length)
-    return model, tokenizer
-
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.evaluation.rec import evaluate_samples
+    from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, load_foundation
+
     torch.set_num_threads(args.threads)
     if args.artifact:
         from diffprompt.core.providers import ProviderConfig
@@ -57,14 +47,9 @@ def main(args: argparse.Namespace) -> int:
         model, tokenizer = load_foundation(args.checkpoint)
     datasets: list[tuple[str, Path]] = [(Path(j).stem, Path(j)) for j in args.json]
     if args.split:
-        from diffprompt.training.data.synthetic.splits import SPLITS
-        from diffprompt.training.data.synthetic.writer import write_split
+        from diffprompt.training.data.synthetic.writer import ensure_split
 
-        for name in args.split:
-            path = Path(args.data_dir) / f"{name}.json"
-            if not path.exists():
-                write_split(SPLITS[name], Path(args.data_dir), progress=args.progress)
-            datasets.append((name, path))
+        datasets += [(name, ensure_split(Path(args.data_dir), name, progress=args.progress)) for name in args.split]
     if not datasets:
         raise SystemExit("nothing to evaluate: give --split and/or --json")
     report = {}

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffprompt.core.ddim import ddim_update, steps_from_table
-from diffprompt.model_export.export import schedule_table
+from diffprompt.model_export.artifact import schedule_table
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

@@ -7,8 +7,8 @@ import pytest
 from diffprompt.training.data.mdetr import load_mdetr
 from diffprompt.training.data.synthetic.splits import SPLITS
 from diffprompt.training.data.synthetic.writer import write_split
-from diffprompt.training.evaluate import load_foundation
 from diffprompt.training.evaluation.rec import evaluate_samples
+from diffprompt.training.models.diffprompt import load_foundation
 
 
 @pytest.fixture(scope="module")

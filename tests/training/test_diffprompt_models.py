@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -11,13 +12,16 @@ import torch
 from diffprompt.core.images import mask_from_input_frame, mask_to_input_frame
 from diffprompt.training.models.diffprompt import DiffPromptPipeline, foundation_conditions
 from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
-from diffprompt.training.models.mask_vae import build_mask_vae, decode_latents, encode_masks, load_mask_vae, mask_iou
-from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, referred_patch
+from diffprompt.training.models.mask_vae import MaskVAE, build_mask_vae, decode_latents, encode_masks, mask_iou
+from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
 from diffprompt.training.models.prompt_learners import (
+    LEARNERS,
     MASK_INPUTS,
     METHODS,
+    LearnerConfig,
     PromptLearner,
     prompted_forward,
+    register,
     standardize_masks,
 )
 from diffprompt.training.models.prompt_sampler import (
@@ -65,8 +69,8 @@ def test_mask_vae_shapes_and_save_load(tmp_path):
     logits = decode_latents(vae, z)
     assert logits.shape == (2, 1, 16, 16)
     vae.save_pretrained(tmp_path)
-    assert (tmp_path / "config.json").exists() and any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
-    again = load_mask_vae(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    again = MaskVAE.from_pretrained(tmp_path)
     torch.testing.assert_close(decode_latents(again, z), logits)
 
 
@@ -134,9 +138,9 @@ def test_ddim_with_an_oracle_denoiser_returns_x0(steps):
 
 def _dit(conditioning: str, context_layers: int = 0) -> PromptDiT:
     torch.manual_seed(0)
-    dit = PromptDiT(conditioning=conditioning, latent_size=8, image_embed_dim=32, text_embed_dim=32,
-                    image_token_dim=32, text_token_dim=32, image_grid=8, context_layers=context_layers,
-                    **PROMPT_DIT_PRESETS["baby"])
+    dit = PromptDiT(PromptDiTConfig(conditioning=conditioning, latent_size=8, image_embed_dim=32, text_embed_dim=32,
+                                    image_token_dim=32, text_token_dim=32, image_grid=8, context_layers=context_layers,
+                                    **PROMPT_DIT_PRESETS["baby"]))
     for p in dit.parameters():  # leave the zero-init so outputs depend on inputs
         p.data.add_(torch.randn_like(p) * 0.05)
     return dit.eval()
@@ -152,8 +156,8 @@ def _cond(B: int, seed: int = 0) -> dict:
 
 
 def test_dit_starts_as_zero_predictor():
-    dit = PromptDiT(conditioning="tokens", image_embed_dim=32, text_embed_dim=32, image_token_dim=32,
-                    text_token_dim=32, **PROMPT_DIT_PRESETS["baby"])
+    dit = PromptDiT(PromptDiTConfig(conditioning="tokens", image_embed_dim=32, text_embed_dim=32, image_token_dim=32,
+                                    text_token_dim=32, **PROMPT_DIT_PRESETS["baby"]))
     out = dit(torch.randn(2, 4, 8, 8), torch.tensor([3, 50]), **_cond(2))
     assert out.shape == (2, 4, 8, 8) and out.abs().max() == 0  # adaLN-Zero + zero output layer
 
@@ -209,15 +213,16 @@ def test_pointer_head_scores_every_patch_and_ignores_the_noisy_latents():
     with pytest.raises(ValueError, match="context_layers"):
         _dit("tokens")(torch.randn(1, 4, 8, 8), torch.tensor([3]), **_cond(1), return_pointer=True)
     with pytest.raises(ValueError, match="context_layers needs conditioning='tokens'"):
-        PromptDiT(conditioning="pooled", context_layers=1)
+        PromptDiT(PromptDiTConfig(conditioning="pooled", context_layers=1))
 
 
 def test_pointer_head_learns_to_find_the_referred_patch():
     """The pointer's cross-entropy alone trains the context layers to pick the patch whose image
     token carries a marker feature, which random weights do at chance (1/64)."""
     torch.manual_seed(0)
-    dit = PromptDiT(conditioning="tokens", latent_size=8, image_embed_dim=32, text_embed_dim=32, image_token_dim=32,
-                    text_token_dim=32, image_grid=8, context_layers=2, **PROMPT_DIT_PRESETS["baby"])
+    dit = PromptDiT(PromptDiTConfig(conditioning="tokens", latent_size=8, image_embed_dim=32, text_embed_dim=32,
+                                    image_token_dim=32, text_token_dim=32, image_grid=8, context_layers=2,
+                                    **PROMPT_DIT_PRESETS["baby"]))
     opt = torch.optim.AdamW(dit.parameters(), lr=3e-3)
 
     def batch(seed):
@@ -251,7 +256,7 @@ def test_referred_patch_is_the_cell_of_the_mask_centroid():
 
 def test_dit_rejects_unknown_conditioning():
     with pytest.raises(ValueError, match="conditioning"):
-        PromptDiT(conditioning="cross")
+        PromptDiT(PromptDiTConfig(conditioning="cross"))
 
 
 # ----------------------------------------------------------------------------- learners
@@ -277,12 +282,53 @@ def test_each_method_gives_prompts_of_the_right_shape():
             assert t.shape == (2, 1, 8, 32)
 
 
+OWN_PARAMETERS = {  # each method's trainable modules, and nothing else
+    "diffprompt": {"vision_adapter", "text_adapter", "vision_global", "text_global"},
+    "vpt": {"vision_prompts"}, "coop": {"text_prompts"}, "maple": {"text_prompts", "couplers"},
+    "clip_adapter": {"patch_adapter", "query_adapter"}, "linear_probe": {"class_head", "box_head"},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_is_a_registered_class_with_only_its_own_parameters(method):
+    learner = PromptLearner.for_foundation(_foundation(), method)
+    assert type(learner) is LEARNERS[method] and learner.method == learner.config.method == method
+    assert {name.split(".")[0] for name, _ in learner.named_parameters()} == OWN_PARAMETERS[method]
+
+
+def test_a_new_method_is_one_registered_class(tmp_path):
+    """Registering a class is all a method needs: built from its name, saved, loaded back as itself."""
+
+    @register("text_bias")
+    class TextBias(PromptLearner):
+        towers = ("text",)
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.bias = torch.nn.Parameter(torch.zeros(self.text_depth, config.length, config.text_width))
+
+        def prompts(self, batch_size, masks=None):
+            return None, self.bias[None].expand(batch_size, *self.bias.shape)
+
+    try:
+        learner = PromptLearner.for_foundation(_foundation(), "text_bias", length=2)
+        learner.bias.data.fill_(0.5)
+        learner.save_pretrained(tmp_path)
+        again = PromptLearner.from_pretrained(tmp_path)
+        assert isinstance(again, TextBias) and torch.equal(again.bias, learner.bias)
+        _, text = again.prompts(3)
+        assert text.shape == (3, 1, 2, 32)
+    finally:
+        del LEARNERS["text_bias"]
+
+
 def test_prompt_depth_is_capped_by_each_tower():
     cfg = GROUNDING_PRESETS["embedded"](vocab_size=40)
-    learner = PromptLearner(method="diffprompt", vision_layers=cfg.vision.num_hidden_layers,
-                            text_layers=cfg.text.num_hidden_layers, depth=9)
+    learner = PromptLearner.from_config(LearnerConfig(method="diffprompt", vision_layers=cfg.vision.num_hidden_layers,
+                                                      text_layers=cfg.text.num_hidden_layers, depth=9))
     assert (learner.vision_depth, learner.text_depth, learner.mask_layers) == (6, 3, 6)
-    assert PromptLearner(method="vpt", depth=3).vision_depth == 3
+    vpt = PromptLearner.from_config(LearnerConfig(method="vpt", depth=3))
+    assert (vpt.vision_depth, vpt.text_depth, vpt.mask_layers) == (3, 0, 0)
 
 
 def test_diffprompt_prompts_stay_with_their_sample():
@@ -304,9 +350,9 @@ def test_diffprompt_needs_masks_and_an_even_length():
     with pytest.raises(ValueError, match="masks"):
         learner.prompts(2, None)
     with pytest.raises(ValueError, match="even"):
-        PromptLearner(method="diffprompt", length=7)
+        PromptLearner.from_config(LearnerConfig(method="diffprompt", length=7))
     with pytest.raises(ValueError, match="method"):
-        PromptLearner(method="nope")
+        PromptLearner.from_config(LearnerConfig(method="nope"))
 
 
 def _blob_masks(centres: list[tuple[int, int]], size: int = 32) -> torch.Tensor:
@@ -344,7 +390,7 @@ def test_standardized_adapter_reads_where_the_mask_is_not_its_logit_scale():
 def test_mask_input_is_checked():
     assert MASK_INPUTS == ("standardize", "tanh")
     with pytest.raises(ValueError, match="mask_input"):
-        PromptLearner(method="diffprompt", mask_input="sigmoid")
+        PromptLearner.from_config(LearnerConfig(method="diffprompt", mask_input="sigmoid"))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -355,10 +401,10 @@ def test_learner_save_load_round_trip(method, tmp_path):
     for p in learner.parameters():
         p.data.add_(torch.randn_like(p) * 0.1)
     learner.save_pretrained(tmp_path)
-    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in tmp_path.iterdir())
-    again = PromptLearner.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
-    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
-    assert public(again.config) == public(learner.config)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == method
+    again = PromptLearner.from_pretrained(tmp_path)
+    assert type(again) is LEARNERS[method] and again.config == learner.config
     pixels, ids = torch.randn(2, 3, 128, 128), torch.tensor([[5, 6, 39, 0], [7, 39, 0, 0]])
     mask = (ids > 0).long()
     masks = torch.randn(2, 1, 1, 32, 32) if learner.needs_masks else None

@@ -42,8 +42,8 @@ def test_stage1_reports_val_iou_and_saves_safetensors(stages):
     root, s = stages
     assert 0.0 <= s["vae"]["val_reconstruction_iou"] <= 1.0
     cfg = json.loads((root / "vae" / "config.json").read_text())
-    assert cfg["in_channels"] == 1 and cfg["scaling_factor"] > 0
-    assert any(p.suffix == ".safetensors" for p in (root / "vae").iterdir())
+    assert cfg["model_type"] == "diffprompt-mask-vae" and cfg["scaling_factor"] > 0
+    assert {p.name for p in (root / "vae").iterdir()} == {"config.json", "model.safetensors"}
 
 
 def test_stage2_saves_ema_weights_with_the_one_schedule(stages):

@@ -42,7 +42,7 @@ def test_evaluate_prints_a_table_per_split_and_kind(baby_checkpoint, small_world
 
 
 def test_predictions_cover_every_patch_in_image_pixels(baby_checkpoint, small_world):
-    from diffprompt.training.evaluate import load_foundation
+    from diffprompt.training.models.diffprompt import load_foundation
 
     model, tok = load_foundation(baby_checkpoint)
     samples = list(load_mdetr(small_world / "val.json"))[:3]

@@ -7,12 +7,8 @@ import torch
 
 from diffprompt.core.tokenizer import QueryTokenizer
 from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
-from diffprompt.training.models.grounding import (
-    GROUNDING_PRESETS,
-    CheckpointError,
-    GroundingModel,
-    load_grounding_model,
-)
+from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel, load_grounding_model
+from diffprompt.training.models.pretrained import CheckpointError
 
 
 @pytest.fixture(scope="module")

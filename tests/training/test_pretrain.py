@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from diffprompt.core.errors import OutputExistsError
 from diffprompt.training.models.grounding import load_grounding_model
 from diffprompt.training.pretrain_foundation import build_parser, main
 from tests.torchrun_util import run_torchrun
@@ -31,9 +32,11 @@ def test_two_steps_save_a_loadable_foundation_and_resume(small_world, tmp_path):
     ckpt = Path(summary["run_dir"]) / "checkpoint-last"
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
     assert not any(p.suffix == ".bin" or p.suffix == ".pt" for p in ckpt.iterdir())  # nothing pickled
-    # Resume to step 4: the step counter continues and the weights move on.
+    # Resume to step 4 (into the same --output): the step counter continues and the weights move on.
     before = load_file(str(ckpt / "model.safetensors"))
-    summary2 = main(_args(small_world, tmp_path, "--steps", "4", "--resume", str(ckpt)))
+    with pytest.raises(OutputExistsError, match=f"{out}.*--overwrite"):
+        main(_args(small_world, tmp_path, "--steps", "4", "--resume", str(ckpt)))
+    summary2 = main(_args(small_world, tmp_path, "--steps", "4", "--resume", str(ckpt), "--overwrite"))
     ckpt2 = Path(summary2["run_dir"]) / "checkpoint-last"
     assert json.loads((ckpt2 / "trainer_state.json").read_text())["step"] == 4
     after = load_file(str(ckpt2 / "model.safetensors"))
@@ -41,7 +44,7 @@ def test_two_steps_save_a_loadable_foundation_and_resume(small_world, tmp_path):
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(small_world, tmp_path):
-    from diffprompt.training.models.grounding import CheckpointError
+    from diffprompt.training.models.pretrained import CheckpointError
 
     with pytest.raises(CheckpointError, match="config.json"):
         main(_args(small_world, tmp_path, "--steps", "2", "--resume", str(tmp_path / "nope")))
@@ -54,27 +57,18 @@ def test_torchrun_two_gloo_processes_stay_in_sync(small_world, tmp_path):
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
         "from diffprompt.training.pretrain_foundation import build_parser, main\n"
-        "import diffprompt.training.pretrain_foundation as pf\n"
-        "seen = {}\n"
-        "orig = pf.save_final\n"
-        "args = build_parser().parse_args(sys.argv[1:])\n"
-        "captured = {}\n"
-        "real_cleanup = pf.cleanup\n"
-        "def check_then_cleanup(info):\n"
-        "    model = captured['model']\n"
-        "    flat = torch.cat([p.detach().flatten() for p in model.parameters()])\n"
-        "    gathered = [torch.zeros_like(flat) for _ in range(info.world_size)]\n"
+        "from diffprompt.training.stages.runner import StageRunner\n"
+        "real_close = StageRunner.close\n"
+        "def check_then_close(self, in_step=True):\n"
+        "    (ddp,) = self._wrapped  # the DDP wrapper of the stage's training step\n"
+        "    flat = torch.cat([p.detach().flatten() for p in ddp.module.parameters()])\n"
+        "    gathered = [torch.zeros_like(flat) for _ in range(self.world_size)]\n"
         "    dist.all_gather(gathered, flat)\n"
         "    diff = max((g - gathered[0]).abs().max().item() for g in gathered)\n"
-        "    print(f'RANK {info.rank} WORLD {info.world_size} MAXDIFF {diff}', flush=True)\n"
-        "    real_cleanup(info)\n"
-        "pf.cleanup = check_then_cleanup\n"
-        "real_ddp = pf.DistributedDataParallel\n"
-        "def spy(module, *a, **k):\n"
-        "    captured['model'] = module.model\n"
-        "    return real_ddp(module, *a, **k)\n"
-        "pf.DistributedDataParallel = spy\n"
-        "main(args)\n"
+        "    print(f'RANK {self.rank} WORLD {self.world_size} MAXDIFF {diff}', flush=True)\n"
+        "    real_close(self, in_step)\n"
+        "StageRunner.close = check_then_close\n"
+        "main(build_parser().parse_args(sys.argv[1:]))\n"
     )
     proc = run_torchrun([str(script), "--data-dir", str(small_world), "--preset", "baby", "--batch-size", "3",
                          "--max-queries", "8", "--steps", "3", "--eval-every", "100", "--save-every", "100",

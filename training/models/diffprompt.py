@@ -9,7 +9,8 @@
 A pipeline directory (what `diffprompt train-prompts` writes) holds the learner
 (`config.json`, `model.safetensors`) and `pipeline.json` naming the foundation, the Mask-VAE
 and the DiT directories (relative paths are resolved from the pipeline directory). Baselines
-are pipelines without VAE and DiT.
+are pipelines without VAE and DiT. Every model loads with its class's `from_pretrained`
+(training/models/pretrained.py); a foundation directory also holds `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
-from diffprompt.training.models.grounding import GroundingModel, GroundingOutput, load_grounding_model
-from diffprompt.training.models.mask_vae import decode_latents, load_mask_vae
+from diffprompt.training.models.grounding import GroundingModel, GroundingOutput
+from diffprompt.training.models.mask_vae import MaskVAE, decode_latents
 from diffprompt.training.models.prompt_dit import PromptDiT
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
@@ -50,10 +50,16 @@ def foundation_conditions(
     return cond
 
 
+def load_foundation(directory: str | Path) -> tuple[GroundingModel, QueryTokenizer]:
+    """(model, tokenizer) from a foundation directory (config.json, model.safetensors, tokenizer.json)."""
+    model = GroundingModel.from_pretrained(directory)
+    return model, QueryTokenizer.from_file(Path(directory) / TOKENIZER_FILE, model.config.max_text_length)
+
+
 def load_dit(directory: str | Path) -> tuple[PromptDiT, object]:
     """(DiT with its EMA weights, its DDIMScheduler) from a stage-2 checkpoint."""
     directory = Path(directory)
-    dit = PromptDiT.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+    dit = PromptDiT.from_pretrained(directory)
     scheduler_cfg = json.loads((directory / SCHEDULER_FILE).read_text())
     return dit, make_scheduler(scheduler_cfg)
 
@@ -63,7 +69,7 @@ class DiffPromptPipeline:
     foundation: GroundingModel
     tokenizer: QueryTokenizer
     learner: PromptLearner | None  # None = the frozen foundation alone
-    vae: AutoencoderKL | None = None
+    vae: MaskVAE | None = None
     dit: PromptDiT | None = None
     scheduler: object | None = None
     steps: int = 25
@@ -73,25 +79,17 @@ class DiffPromptPipeline:
         directory = Path(directory)
         spec = json.loads((directory / PIPELINE_FILE).read_text())
         resolve = lambda key: (directory / spec[key]).resolve() if spec.get(key) else None
-        foundation_dir = resolve("foundation")
-        foundation = load_grounding_model(foundation_dir).eval()
-        tokenizer = QueryTokenizer.from_file(foundation_dir / TOKENIZER_FILE, foundation.config.max_text_length)
-        learner = PromptLearner.from_pretrained(directory, low_cpu_mem_usage=False).eval()
-        if learner.needs_masks and "mask_input" in learner.config.get("_use_default_values", []):
-            raise ValueError(f"{directory / 'config.json'} has no 'mask_input': it was saved before the adapters "
-                             "standardised their masks and reads tanh of the mask logits; add "
-                             '"mask_input": "tanh" to that file to load it with the input it was trained with')
+        foundation, tokenizer = load_foundation(resolve("foundation"))
+        learner = PromptLearner.from_pretrained(directory)
         vae = dit = scheduler = None
         if learner.needs_masks:
-            vae = load_mask_vae(resolve("mask_vae"))
+            vae = MaskVAE.from_pretrained(resolve("mask_vae"))
             dit, scheduler = load_dit(resolve("prompt_dit"))
         return cls(foundation, tokenizer, learner, vae, dit, scheduler, steps)
 
     @classmethod
     def foundation_only(cls, directory: str | Path) -> DiffPromptPipeline:
-        foundation = load_grounding_model(directory).eval()
-        tokenizer = QueryTokenizer.from_file(Path(directory) / TOKENIZER_FILE, foundation.config.max_text_length)
-        return cls(foundation, tokenizer, None)
+        return cls(*load_foundation(directory), None)
 
     @torch.no_grad()
     def generate_masks(self, pixels, ids, mask, seeds: Sequence[int]) -> torch.Tensor:

@@ -10,7 +10,8 @@ Architecture (Minderer et al., "Simple Open-Vocabulary Object Detection", and OW
 
 Parameter names mirror `transformers`' OwlViTForObjectDetection / Owlv2ForObjectDetection with
 the `owlvit.` / `owlv2.` prefix removed, so Hugging Face checkpoints load as they are
-(`load_grounding_model`).
+(`GroundingModel.from_pretrained`, also named `load_grounding_model`). Our own checkpoints use the
+convention of every model here (training/models/pretrained.py): config.json + model.safetensors.
 
 Deep prompts (VPT-deep style): `vision_prompts` (B, depth, L, Dv) and `text_prompts`
 (Q, depth, L, Dt) are prepended in front of the token sequence before each of the first `depth`
@@ -21,22 +22,24 @@ mask expects them.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffprompt.core.errors import UserError
+from diffprompt.training.models.pretrained import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    PretrainedModel,
+    read_config_file,
+    read_weights,
+)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "diffprompt-grounding"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -84,19 +87,6 @@ class GroundingConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": MODEL_TYPE, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GroundingConfig:
-        d = {k: v for k, v in d.items() if k != "model_type"}
-        d["vision"] = TowerConfig(**d["vision"])
-        d["text"] = TowerConfig(**d["text"])
-        for key in ("image_mean", "image_std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 def _preset(v_width, v_layers, t_width, t_layers, head_dim, **kw) -> GroundingConfig:
@@ -406,12 +396,14 @@ class GroundingOutput:
     objectness_logits: torch.Tensor | None  # (B, P) OWLv2 only
 
 
-class GroundingModel(nn.Module):
+class GroundingModel(PretrainedModel):
     """The frozen foundation. See the module docstring for shapes."""
 
+    config_class = GroundingConfig
+    model_type = "diffprompt-grounding"
+
     def __init__(self, config: GroundingConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.vision_model = VisionTransformer(config)
         self.text_model = TextTransformer(config)
         self.visual_projection = nn.Linear(config.vision.hidden_size, config.projection_dim, bias=False)
@@ -502,26 +494,32 @@ class GroundingModel(nn.Module):
         query_mask = input_ids.view(B, Q, -1)[..., 0] > 0  # first token 0 = padding query (OWL)
         return self.predict(image, query_embeds, query_mask)
 
-    # -- artifacts ------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json + model.safetensors."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    # -- loading --------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> GroundingModel:
-        return load_grounding_model(directory)
+        """Our own checkpoint, or a Hugging Face OWL-ViT / OWLv2 detection checkpoint, from a directory."""
+        directory = Path(directory)
+        raw = read_config_file(directory)
+        family = raw.get("model_type")
+        if family == cls.model_type:
+            return super().from_pretrained(directory)
+        if family not in HF_FAMILIES:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: unknown model_type {family!r} "
+                                  f"(expected {cls.model_type}, {' or '.join(HF_FAMILIES)})")
+        model = cls(_hf_config(raw))
+        model.load_weights(_hf_state_dict(directory, family), directory)
+        return model.eval()
 
 
-# ----------------------------------------------------------------------------- loading
+def load_grounding_model(directory: str | Path) -> GroundingModel:
+    """`GroundingModel.from_pretrained`: our checkpoint or a Hugging Face OWL-ViT / OWLv2 one."""
+    return GroundingModel.from_pretrained(directory)
 
 
-class CheckpointError(UserError):
-    """A checkpoint directory is missing files or does not match the architecture."""
+# ----------------------------------------------------------------------------- Hugging Face checkpoints
+
+HF_FAMILIES = ("owlvit", "owlv2")  # transformers' model_type of OwlViTForObjectDetection / Owlv2ForObjectDetection
 
 
 def _hf_config(d: dict[str, Any]) -> GroundingConfig:
@@ -555,48 +553,14 @@ def _hf_config(d: dict[str, Any]) -> GroundingConfig:
     )
 
 
-def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    st = directory / WEIGHTS_NAME
-    if st.exists():
-        try:
-            return load_file(str(st))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{st}: not a readable safetensors file ({e})") from e
-    legacy = directory / "pytorch_model.bin"
-    if legacy.exists():
-        return torch.load(legacy, map_location="cpu", weights_only=True)  # never unpickle code
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or pytorch_model.bin) found")
-
-
-def load_grounding_model(directory: str | Path) -> GroundingModel:
-    """Load our own checkpoint or a Hugging Face OWL-ViT / OWLv2 detection checkpoint from a directory."""
-    directory = Path(directory)
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.exists():
-        raise CheckpointError(f"{cfg_path}: missing (a checkpoint directory holds config.json + {WEIGHTS_NAME})")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-    model_type = raw.get("model_type")
-    if model_type == MODEL_TYPE:
-        config = GroundingConfig.from_dict(raw)
-    elif model_type in ("owlvit", "owlv2"):
-        config = _hf_config(raw)
+def _hf_state_dict(directory: Path, family: str) -> dict[str, torch.Tensor]:
+    """transformers' state dict with the `owlvit.` / `owlv2.` prefix removed and its derived buffers dropped."""
+    if (directory / WEIGHTS_NAME).exists():
+        state = read_weights(directory / WEIGHTS_NAME)
+    elif (directory / "pytorch_model.bin").exists():
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)  # no code
     else:
-        raise CheckpointError(f"{cfg_path}: unknown model_type {model_type!r} (expected {MODEL_TYPE}, owlvit or owlv2)")
-    state = _read_state_dict(directory)
-    prefix = f"{model_type}."
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or pytorch_model.bin) found")
+    prefix = f"{family}."
     state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids") and k != "box_bias"}
-    model = GroundingModel(config)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{directory}: weights do not match config.json: {e}") from e
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory}: weights do not match the architecture; missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    return model.eval()
+    return {k: v for k, v in state.items() if not k.endswith("position_ids") and k != "box_bias"}

@@ -38,12 +38,32 @@ checkpoints; the noise epsilon in the paper). Inputs:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from diffprompt.training.models.pretrained import PretrainedModel
+
+
+@dataclass
+class PromptDiTConfig:
+    latent_channels: int = 4
+    latent_size: int = 8
+    patch_size: int = 1
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    conditioning: str = "tokens"  # "pooled" (paper) | "tokens" (pooled + cross-attention)
+    image_embed_dim: int = 128
+    text_embed_dim: int = 128
+    image_token_dim: int = 192
+    text_token_dim: int = 128
+    image_grid: int = 8  # the foundation's patch grid side (tokens mode: position of each patch token)
+    context_layers: int = 0  # tokens mode: layers over the joint condition tokens + pointer head (0 = none)
+
 
 PROMPT_DIT_PRESETS = {
     "baby": dict(hidden_size=32, depth=1, num_heads=2),  # tests
@@ -184,62 +204,48 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
-class PromptDiT(ModelMixin, ConfigMixin):
+class PromptDiT(PretrainedModel):
     """DiT over mask latents. See the module docstring for the inputs."""
 
-    config_name = "config.json"
+    config_class = PromptDiTConfig
+    model_type = "diffprompt-prompt-dit"
 
-    @register_to_config
-    def __init__(
-        self,
-        latent_channels: int = 4,
-        latent_size: int = 8,
-        patch_size: int = 1,
-        hidden_size: int = 128,
-        depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        conditioning: str = "tokens",  # "pooled" (paper) | "tokens" (pooled + cross-attention)
-        image_embed_dim: int = 128,
-        text_embed_dim: int = 128,
-        image_token_dim: int = 192,
-        text_token_dim: int = 128,
-        image_grid: int = 8,  # the foundation's patch grid side (tokens mode: position of each patch token)
-        context_layers: int = 0,  # tokens mode: layers over the joint condition tokens + pointer head (0 = none)
-    ):
-        super().__init__()
+    def __init__(self, config: PromptDiTConfig):
+        super().__init__(config)
+        conditioning, context_layers = config.conditioning, config.context_layers
         if conditioning not in ("pooled", "tokens"):
             raise ValueError(f"conditioning must be 'pooled' or 'tokens', got {conditioning!r}")
         if context_layers and conditioning != "tokens":
             raise ValueError("context_layers needs conditioning='tokens' (pooled conditioning has no tokens)")
-        D, p = hidden_size, patch_size
-        self.grid = latent_size // p
+        num_heads, mlp_ratio = config.num_heads, config.mlp_ratio
+        D, p = config.hidden_size, config.patch_size
+        self.grid = config.latent_size // p
         cross = conditioning == "tokens"
         self.pointer = context_layers > 0
         # + the foundation's patch-score map (tokens mode) + the pointer's log-probability map
-        in_channels = latent_channels + (1 if cross else 0) + (1 if self.pointer else 0)
+        in_channels = config.latent_channels + (1 if cross else 0) + (1 if self.pointer else 0)
         self.x_embedder = nn.Linear(in_channels * p * p, D)
         self.register_buffer("pos_embed", frame_sincos(self.grid, D)[None], persistent=False)  # (1, N, D)
         self.t_embedder = TimestepEmbedder(D)
-        self.image_embedder = nn.Linear(image_embed_dim, D)
-        self.text_embedder = nn.Linear(text_embed_dim, D)
+        self.image_embedder = nn.Linear(config.image_embed_dim, D)
+        self.text_embedder = nn.Linear(config.text_embed_dim, D)
         cond_size = 2 * D  # concat(image + t, text + t)
         if cross:
             self.score_proj = nn.Linear(1, D)
-            self.image_token_proj = nn.Linear(image_token_dim, D)
-            self.text_token_proj = nn.Linear(text_token_dim, D)
+            self.image_token_proj = nn.Linear(config.image_token_dim, D)
+            self.text_token_proj = nn.Linear(config.text_token_dim, D)
             self.context_type = nn.Parameter(torch.zeros(2, D))  # image / text token type embedding
             # The tower's last hidden state keeps little explicit position; the same 2-D sin-cos
             # table as the latent tokens lets a latent token find "its" patches by position.
-            context_pos = torch.cat([torch.zeros(1, D), frame_sincos(image_grid, D)])  # (1+P, D), CLS first
+            context_pos = torch.cat([torch.zeros(1, D), frame_sincos(config.image_grid, D)])  # (1+P, D), CLS first
             self.register_buffer("context_pos", context_pos[None], persistent=False)
         if self.pointer:
             self.context_blocks = nn.ModuleList([ContextBlock(D, num_heads, mlp_ratio) for _ in range(context_layers)])
             self.pointer_norm = nn.LayerNorm(D)
             self.pointer_head = nn.Linear(D, 1)
             self.pointer_proj = nn.Linear(1, D)
-        self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio, cond_size, cross) for _ in range(depth)])
-        self.final_layer = FinalLayer(D, cond_size, p, latent_channels)
+        self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio, cond_size, cross) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, cond_size, p, config.latent_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

@@ -1,15 +1,24 @@
 """Stage 3 and its baselines: what is trained on top of the frozen foundation.
 
-One `PromptLearner` class, one `method` per row of the results table; all of them plug into
-`prompted_forward`, so training, evaluation and export share one path:
+One class per row of the results table, registered under its method name (`LEARNERS`); each
+creates only its own parameters, and all of them plug into `prompted_forward`, so training,
+evaluation and export share one path:
 
-    method         trains                                   vision prompts     text prompts
-    diffprompt     Adapter^v, Adapter^l, global prompts     L/2 from mask_i + L/2 global, per layer
-    vpt            deep visual prompts (VPT-deep)           L learnable per layer   -
-    coop           deep text prompts (CoOp, deep)           -                  L learnable per layer
-    maple          text prompts + per-layer linear maps     linear(text prompt)     L learnable
-    clip_adapter   residual MLPs on patch / query features  -                  -      (ratio 0.2)
-    linear_probe   the foundation's class and box heads     -                  -
+    method         class         trains                                   vision prompts     text prompts
+    diffprompt     DiffPrompt    Adapter^v, Adapter^l, global prompts     L/2 from mask_i + L/2 global, per layer
+    vpt            VPT           deep visual prompts (VPT-deep)           L learnable per layer   -
+    coop           CoOp          deep text prompts (CoOp, deep)           -                  L learnable per layer
+    maple          MaPLe         text prompts + per-layer linear maps     linear(text prompt)     L learnable
+    clip_adapter   CLIPAdapter   residual MLPs on patch / query features  -                  -      (ratio 0.2)
+    linear_probe   LinearProbe   the foundation's class and box heads     -                  -
+
+A learner has two hooks: `prompts(batch_size, masks)` -> deep prompts for the towers (or None),
+and `predict(foundation, image, query)` -> the grounding output from the prompted features (the
+foundation's own heads unless the method replaces or adapts them). Every learner is built from
+one `LearnerConfig`, whose `method` names its class: `PromptLearner.from_config` /
+`from_pretrained` return the registered class, and the method name is saved in config.json.
+One config for all (a method ignores the fields it does not read) keeps one file format and lets
+the command line pass the same options to every method.
 
 Prompt depth counts layers from the input; it is capped by each tower's depth (the embedded
 default: 6 image layers, 3 text layers; depth 9 -> 6 and 3).
@@ -29,9 +38,10 @@ mask, whatever the decoder's logit scale.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from diffprompt.training.models.grounding import (
@@ -40,11 +50,32 @@ from diffprompt.training.models.grounding import (
     GroundingConfig,
     GroundingModel,
     GroundingOutput,
+    ImageFeatures,
     TowerConfig,
 )
+from diffprompt.training.models.pretrained import PretrainedModel
 
-METHODS = ("diffprompt", "vpt", "coop", "maple", "clip_adapter", "linear_probe")
 MASK_INPUTS = ("standardize", "tanh")  # how a Diff-Prompt adapter reads its decoded mask logits
+
+
+@dataclass
+class LearnerConfig:
+    method: str = "diffprompt"  # the registered class (LEARNERS)
+    vision_width: int = 192  # the foundation's towers (PromptLearner.for_foundation copies them)
+    text_width: int = 128
+    vision_layers: int = 6
+    text_layers: int = 3
+    query_width: int = 128  # projected query embedding (CLIP-Adapter)
+    depth: int = 9  # prompted layers from the input, paper default; capped per tower
+    length: int = 8  # prompt tokens per layer; Diff-Prompt: L/2 generated + L/2 global
+    mask_size: int = 32  # decoded mask side (Diff-Prompt)
+    mask_input: str = field(default="standardize", metadata={  # Diff-Prompt adapters' input: see MASK_INPUTS
+        "missing": "a learner saved before 'mask_input' existed reads tanh of its mask logits: add "
+                   '"mask_input": "tanh" to its config.json to load it with the input it was trained with'})
+    adapter_ratio: float = 0.2  # CLIP-Adapter
+
+
+# ----------------------------------------------------------------------------- building blocks
 
 
 def standardize_masks(mask_logits: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -87,106 +118,207 @@ class ResidualAdapter(nn.Module):
         return self.ratio * self.mlp(x) + (1 - self.ratio) * x
 
 
-class PromptLearner(ModelMixin, ConfigMixin):
-    config_name = "config.json"
+# ----------------------------------------------------------------------------- the registry
 
-    @register_to_config
-    def __init__(
-        self,
-        method: str = "diffprompt",
-        vision_width: int = 192,
-        text_width: int = 128,
-        vision_layers: int = 6,
-        text_layers: int = 3,
-        depth: int = 9,  # paper default; capped per tower
-        length: int = 8,  # tokens per layer; Diff-Prompt: L/2 generated + L/2 global
-        mask_size: int = 32,  # decoded mask side (Diff-Prompt)
-        mask_input: str = "standardize",  # Diff-Prompt adapters' input: see MASK_INPUTS
-        adapter_ratio: float = 0.2,  # CLIP-Adapter
-        query_width: int = 128,  # projected query embedding (CLIP-Adapter)
-    ):
-        super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if mask_input not in MASK_INPUTS:
-            raise ValueError(f"mask_input must be one of {MASK_INPUTS}, got {mask_input!r}")
-        if method == "diffprompt" and length % 2:
-            raise ValueError(f"Diff-Prompt splits the prompt length in halves: length must be even, got {length}")
-        self.vision_depth = min(depth, vision_layers) if method in ("diffprompt", "vpt", "maple") else 0
-        self.text_depth = min(depth, text_layers) if method in ("diffprompt", "coop", "maple") else 0
-        init = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)
-        if method == "diffprompt":
-            half = length // 2
-            self.vision_adapter = MaskAdapter(mask_size, half, vision_width, mask_input=mask_input)
-            self.text_adapter = MaskAdapter(mask_size, half, text_width, mask_input=mask_input)
-            self.vision_global = init(self.vision_depth, half, vision_width)
-            self.text_global = init(self.text_depth, half, text_width)
-        elif method == "vpt":
-            self.vision_prompts = init(self.vision_depth, length, vision_width)
-        elif method == "coop":
-            self.text_prompts = init(self.text_depth, length, text_width)
-        elif method == "maple":
-            n = max(self.vision_depth, self.text_depth)
-            self.text_prompts = init(n, length, text_width)
-            self.couplers = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(self.vision_depth)])
-        elif method == "clip_adapter":
-            self.patch_adapter = ResidualAdapter(vision_width, adapter_ratio)
-            self.query_adapter = ResidualAdapter(query_width, adapter_ratio)
-        elif method == "linear_probe":  # copies of the foundation's heads (for_foundation loads them)
-            widths = GroundingConfig(vision=TowerConfig(hidden_size=vision_width),
-                                     text=TowerConfig(hidden_size=text_width))
-            self.class_head = ClassPredictionHead(widths)
-            self.box_head = BoxPredictionHead(vision_width)
+LEARNERS: dict[str, type[PromptLearner]] = {}
+
+
+def register(method: str):
+    """Class decorator: `LEARNERS[method] = cls`, and `cls.method = method`."""
+
+    def add(cls: type[PromptLearner]) -> type[PromptLearner]:
+        cls.method = method
+        LEARNERS[method] = cls
+        return cls
+
+    return add
+
+
+def learned_prompts(*shape: int) -> nn.Parameter:
+    """Prompt tokens initialised as N(0, 0.02^2)."""
+    return nn.Parameter(torch.randn(*shape) * 0.02)
+
+
+def per_sample(prompts: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(depth, L, D) shared prompts -> (B, depth, L, D), a view."""
+    return prompts[None].expand(batch_size, *prompts.shape)
+
+
+class PromptLearner(PretrainedModel):
+    """Base of every method: no prompts, the foundation's heads. See the module docstring."""
+
+    config_class = LearnerConfig
+    model_type = "diffprompt-prompt-learner"
+    method: ClassVar[str] = ""  # set by @register
+    towers: ClassVar[tuple[str, ...]] = ()  # which towers get deep prompts: "vision", "text"
+    needs_masks: ClassVar[bool] = False  # Diff-Prompt: prompts are built from generated masks
+
+    def __init__(self, config: LearnerConfig):
+        if not self.method:
+            raise TypeError(f"{type(self).__name__} is no registered method: build learners with "
+                            "PromptLearner.from_config(config) or PromptLearner.for_foundation(...)")
+        super().__init__(config)
+        if config.method != self.method:
+            raise ValueError(f"{type(self).__name__} is method {self.method!r}, the config says {config.method!r}")
+        self.vision_depth = min(config.depth, config.vision_layers) if "vision" in self.towers else 0
+        self.text_depth = min(config.depth, config.text_layers) if "text" in self.towers else 0
 
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def for_foundation(cls, foundation: GroundingModel, method: str, **kw) -> PromptLearner:
-        cfg = foundation.config
-        learner = cls(method=method, vision_width=cfg.vision.hidden_size, text_width=cfg.text.hidden_size,
-                      vision_layers=cfg.vision.num_hidden_layers, text_layers=cfg.text.num_hidden_layers,
-                      query_width=cfg.projection_dim, **kw)
-        if method == "linear_probe":
-            learner.class_head.load_state_dict(foundation.class_head.state_dict())
-            learner.box_head.load_state_dict(foundation.box_head.state_dict())
+    def from_config(cls, config: LearnerConfig) -> PromptLearner:
+        """A fresh learner of the class registered under `config.method`."""
+        if config.method not in LEARNERS:
+            raise ValueError(f"method must be one of {tuple(LEARNERS)}, got {config.method!r}")
+        return LEARNERS[config.method](config)
+
+    @classmethod
+    def for_foundation(cls, foundation: GroundingModel, method: str, **options) -> PromptLearner:
+        """A fresh learner sized for `foundation`; `options` are other LearnerConfig fields."""
+        c = foundation.config
+        learner = cls.from_config(LearnerConfig(
+            method=method, vision_width=c.vision.hidden_size, text_width=c.text.hidden_size,
+            vision_layers=c.vision.num_hidden_layers, text_layers=c.text.num_hidden_layers,
+            query_width=c.projection_dim, **options))
+        learner.init_from_foundation(foundation)
         return learner
 
-    @property
-    def needs_masks(self) -> bool:
-        return self.config.method == "diffprompt"
+    def init_from_foundation(self, foundation: GroundingModel) -> None:
+        """Start from the foundation's weights where the method has copies of them (LinearProbe)."""
 
     @property
     def mask_layers(self) -> int:
-        """How many generated masks one query needs (Diff-Prompt): one per prompted layer."""
+        """How many generated masks one query needs: one per prompted layer (Diff-Prompt), else 0."""
         return max(self.vision_depth, self.text_depth) if self.needs_masks else 0
 
-    # -- prompts --------------------------------------------------------------------------------
+    # -- the two hooks --------------------------------------------------------------------------
 
-    def prompts(self, batch_size: int, masks: torch.Tensor | None = None):
-        """-> (vision prompts (B, Lv_depth, L, Dv) or None, text prompts (B, Lt_depth, L, Dt) or None).
+    def prompts(self, batch_size: int, masks: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """-> (vision prompts (B, vision_depth, L, Dv) or None, text prompts (B, text_depth, L, Dt) or None).
 
-        masks: (B, mask_layers, 1, m, m) decoded mask logits, shallowest layer first (Diff-Prompt).
-        """
-        method = self.config.method
-        expand = lambda p: p[None].expand(batch_size, *p.shape)
-        if method == "diffprompt":
-            if masks is None or masks.shape[1] < self.mask_layers:
-                raise ValueError(f"Diff-Prompt needs {self.mask_layers} masks per query")
-            B, m = masks.shape[0], masks.shape[-1]
-            flat = masks[:, : self.mask_layers].reshape(-1, 1, m, m)  # (B*n, 1, m, m)
-            v = self.vision_adapter(flat).view(B, self.mask_layers, -1, self.config.vision_width)
-            t = self.text_adapter(flat).view(B, self.mask_layers, -1, self.config.text_width)
-            vision = torch.cat([v[:, : self.vision_depth], expand(self.vision_global)], dim=2)  # (B, dv, L, Dv)
-            text = torch.cat([t[:, : self.text_depth], expand(self.text_global)], dim=2)  # (B, dt, L, Dt)
-            return vision, text
-        if method == "vpt":
-            return expand(self.vision_prompts), None
-        if method == "coop":
-            return None, expand(self.text_prompts)
-        if method == "maple":
-            vision = torch.stack([c(self.text_prompts[i]) for i, c in enumerate(self.couplers)])  # (dv, L, Dv)
-            return expand(vision), expand(self.text_prompts[: self.text_depth])
+        masks: (B, mask_layers, 1, m, m) decoded mask logits, shallowest layer first (Diff-Prompt)."""
         return None, None
+
+    def predict(self, foundation: GroundingModel, image: ImageFeatures, query: torch.Tensor) -> GroundingOutput:
+        """Grounding output from the (prompted) image features and query embeddings (B, 1, E)."""
+        return foundation.predict(image, query)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+@register("diffprompt")
+class DiffPrompt(PromptLearner):
+    """Per layer: L/2 tokens from that layer's generated mask (one adapter per tower) + L/2 global tokens."""
+
+    towers = ("vision", "text")
+    needs_masks = True
+
+    def __init__(self, config: LearnerConfig):
+        if config.length % 2:
+            raise ValueError(f"Diff-Prompt splits the prompt length in halves: it must be even, got {config.length}")
+        super().__init__(config)
+        half = config.length // 2
+        self.vision_adapter = MaskAdapter(config.mask_size, half, config.vision_width, mask_input=config.mask_input)
+        self.text_adapter = MaskAdapter(config.mask_size, half, config.text_width, mask_input=config.mask_input)
+        self.vision_global = learned_prompts(self.vision_depth, half, config.vision_width)
+        self.text_global = learned_prompts(self.text_depth, half, config.text_width)
+
+    def prompts(self, batch_size, masks=None):
+        if masks is None or masks.shape[1] < self.mask_layers:
+            raise ValueError(f"Diff-Prompt needs {self.mask_layers} masks per query")
+        B, m = masks.shape[0], masks.shape[-1]
+        flat = masks[:, : self.mask_layers].reshape(-1, 1, m, m)  # (B*n, 1, m, m)
+        v = self.vision_adapter(flat).view(B, self.mask_layers, -1, self.config.vision_width)
+        t = self.text_adapter(flat).view(B, self.mask_layers, -1, self.config.text_width)
+        vision = torch.cat([v[:, : self.vision_depth], per_sample(self.vision_global, batch_size)], dim=2)
+        text = torch.cat([t[:, : self.text_depth], per_sample(self.text_global, batch_size)], dim=2)
+        return vision, text  # (B, dv, L, Dv), (B, dt, L, Dt)
+
+
+@register("vpt")
+class VPT(PromptLearner):
+    """VPT-deep: L learnable visual prompts per layer."""
+
+    towers = ("vision",)
+
+    def __init__(self, config: LearnerConfig):
+        super().__init__(config)
+        self.vision_prompts = learned_prompts(self.vision_depth, config.length, config.vision_width)
+
+    def prompts(self, batch_size, masks=None):
+        return per_sample(self.vision_prompts, batch_size), None
+
+
+@register("coop")
+class CoOp(PromptLearner):
+    """CoOp, deep: L learnable text prompts per layer."""
+
+    towers = ("text",)
+
+    def __init__(self, config: LearnerConfig):
+        super().__init__(config)
+        self.text_prompts = learned_prompts(self.text_depth, config.length, config.text_width)
+
+    def prompts(self, batch_size, masks=None):
+        return None, per_sample(self.text_prompts, batch_size)
+
+
+@register("maple")
+class MaPLe(PromptLearner):
+    """MaPLe: learnable text prompts; each prompted image layer gets a linear map of its layer's text prompts."""
+
+    towers = ("vision", "text")
+
+    def __init__(self, config: LearnerConfig):
+        super().__init__(config)
+        n = max(self.vision_depth, self.text_depth)
+        self.text_prompts = learned_prompts(n, config.length, config.text_width)
+        self.couplers = nn.ModuleList([nn.Linear(config.text_width, config.vision_width)
+                                       for _ in range(self.vision_depth)])
+
+    def prompts(self, batch_size, masks=None):
+        vision = torch.stack([c(self.text_prompts[i]) for i, c in enumerate(self.couplers)])  # (dv, L, Dv)
+        return per_sample(vision, batch_size), per_sample(self.text_prompts[: self.text_depth], batch_size)
+
+
+@register("clip_adapter")
+class CLIPAdapter(PromptLearner):
+    """CLIP-Adapter: residual MLPs on the patch features and on the query embedding; no prompts."""
+
+    def __init__(self, config: LearnerConfig):
+        super().__init__(config)
+        self.patch_adapter = ResidualAdapter(config.vision_width, config.adapter_ratio)
+        self.query_adapter = ResidualAdapter(config.query_width, config.adapter_ratio)
+
+    def predict(self, foundation, image, query):
+        image.patch_embeds = self.patch_adapter(image.patch_embeds)
+        return foundation.predict(image, self.query_adapter(query))
+
+
+@register("linear_probe")
+class LinearProbe(PromptLearner):
+    """Trains copies of the foundation's class and box heads; no prompts."""
+
+    def __init__(self, config: LearnerConfig):
+        super().__init__(config)
+        widths = GroundingConfig(vision=TowerConfig(hidden_size=config.vision_width),
+                                 text=TowerConfig(hidden_size=config.text_width))
+        self.class_head = ClassPredictionHead(widths)
+        self.box_head = BoxPredictionHead(config.vision_width)
+
+    def init_from_foundation(self, foundation):
+        self.class_head.load_state_dict(foundation.class_head.state_dict())
+        self.box_head.load_state_dict(foundation.box_head.state_dict())
+
+    def predict(self, foundation, image, query):
+        logits = self.class_head(image.patch_embeds, query)
+        boxes = torch.sigmoid(self.box_head(image.patch_embeds) + foundation.box_bias)
+        return GroundingOutput(logits=logits, pred_boxes=boxes, objectness_logits=None)
+
+
+METHODS = tuple(LEARNERS)  # ("diffprompt", "vpt", "coop", "maple", "clip_adapter", "linear_probe")
 
 
 def prompted_forward(
@@ -203,12 +335,6 @@ def prompted_forward(
         vision_prompts, text_prompts = learner.prompts(pixels.shape[0], masks)
     image = foundation.encode_image(pixels, vision_prompts)
     query = foundation.encode_text(ids, mask, text_prompts).query_embeds[:, None, :]  # (B, 1, E)
-    method = learner.config.method if learner is not None else None
-    if method == "clip_adapter":
-        image.patch_embeds = learner.patch_adapter(image.patch_embeds)
-        query = learner.query_adapter(query)
-    if method == "linear_probe":
-        logits = learner.class_head(image.patch_embeds, query)
-        boxes = torch.sigmoid(learner.box_head(image.patch_embeds) + foundation.box_bias)
-        return GroundingOutput(logits=logits, pred_boxes=boxes, objectness_logits=None)
-    return foundation.predict(image, query)
+    if learner is None:
+        return foundation.predict(image, query)
+    return learner.predict(foundation, image, query)

@@ -1,1 +1,1 @@
-"""Training plumbing: distributed set-up, run folders, resumable checkpoints."""
+"""Training plumbing used by the stage runner: resumable atomic checkpoints, EMA weights."""

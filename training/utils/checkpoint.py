@@ -6,14 +6,14 @@ A checkpoint is a directory:
     optimizer.safetensors              # optimizer tensors, flattened "state/{param}/{name}"
     trainer_state.json                 # step, optimizer hyper-parameters, scheduler, RNG seeds
 
-It is written to a temporary sibling and renamed into place, so a crash mid-save leaves the
-previous checkpoint intact.
+Every directory a training stage writes (a resumable checkpoint or just a model) is written into a
+staging sibling and then swapped in with `diffprompt.core.files.replace_directory`: a reader sees
+the old directory or the new one, never neither, and a crash mid-save leaves the old one intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from diffprompt.core.files import replace_directory, staging_dir
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -52,31 +54,23 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any] | None,
 ) -> Path:
-    """Atomically write a checkpoint directory. `save_model(dir)` writes the model files.
+    """Atomically (re)write a checkpoint directory. `save_model(dir)` writes the model files.
 
     With `optimizer` and `trainer_state` both None this is just an atomic `save_model`.
     """
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(tmp)
-    meta: dict[str, Any] = {}
-    if optimizer is not None:
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    if trainer_state is not None:
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=2))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old.exists():
-        shutil.rmtree(old)
-    return directory
+    staging = staging_dir(directory)
+    try:
+        save_model(staging)
+        meta: dict[str, Any] = {}
+        if optimizer is not None:
+            tensors, meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, str(staging / OPTIMIZER_FILE))
+        if trainer_state is not None:
+            (staging / STATE_FILE).write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return replace_directory(staging, directory)
 
 
 def load_trainer_state(directory: str | Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from diffprompt.training.data.masks import mask_to_rle
 from diffprompt.training.data.synthetic.language import kind_of, to_text
-from diffprompt.training.data.synthetic.splits import SplitSpec, generate_image
+from diffprompt.training.data.synthetic.splits import SPLITS, SplitSpec, generate_image
 
 
 def write_split(spec: SplitSpec, out_dir: Path, n_images: int | None = None, progress: bool = True) -> Path:
@@ -75,6 +75,16 @@ def write_split(spec: SplitSpec, out_dir: Path, n_images: int | None = None, pro
     tmp.write_text(json.dumps(dataset))
     os.replace(tmp, json_path)
     return json_path
+
+
+def ensure_split(data_dir: Path, split: str, n_images: int | None = None, log=None, progress: bool = True) -> Path:
+    """data_dir/{split}.json, written first (`n_images` scenes, default the split's size) if it is missing."""
+    path = Path(data_dir) / f"{split}.json"
+    if not path.exists():
+        if log is not None:
+            log.info(f"writing synthetic split {split} to {data_dir}")
+        write_split(SPLITS[split], Path(data_dir), n_images, progress=progress)
+    return path
 
 
 def preview_sheet(spec: SplitSpec, out_png: Path, n_images: int = 6, scale: int = 3) -> Path:

@@ -1,0 +1,188 @@
+"""Write one deployable artifact directory from a PyTorch pipeline (`export_pipeline`).
+
+The graphs of model_export/graphs.py are traced to ONNX, their weights stored once
+(model_export/shared_weights.py), each graph checked with `onnx.checker` and run once in
+onnxruntime against PyTorch; then the tokenizer and manifest.json. Everything is written into a
+staging sibling that then replaces the target (diffprompt.core.files). What a directory holds and
+the command that writes them: model_export/export.py (`diffprompt export`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffprompt.core.ddim import steps_from_table
+from diffprompt.core.files import replace_directory, staging_dir
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.core.manifest import (
+    MANIFEST_FILE,
+    GraphInfo,
+    Manifest,
+    SamplerInfo,
+    TensorInfo,
+    TokenizerInfo,
+    file_entry,
+)
+from diffprompt.core.tokenizer import TOKENIZER_FILE
+from diffprompt.model_export.graphs import (
+    ConditionEncoder,
+    Denoiser,
+    Grounding,
+    PromptBuilder,
+    export_onnx,
+)
+from diffprompt.model_export.shared_weights import share_weights
+from diffprompt.training.models.diffprompt import DiffPromptPipeline
+from diffprompt.training.models.prompt_sampler import kept_outputs
+
+
+def schedule_table(scheduler, steps: int) -> list[dict]:
+    """Rows (timestep, alpha_bar_t, alpha_bar_prev) of a `steps`-step DDIM run, as DDIMScheduler.step uses them."""
+    scheduler.set_timesteps(steps)
+    alphas = scheduler.alphas_cumprod
+    rows = []
+    for t in scheduler.timesteps.tolist():
+        prev = t - scheduler.config.num_train_timesteps // steps
+        rows.append({"timestep": int(t), "alpha_prod_t": float(alphas[t]),
+                     "alpha_prod_prev": float(alphas[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)})
+    return rows
+
+
+def _io(names: list[str], tensors) -> tuple[TensorInfo, ...]:
+    return tuple(TensorInfo(n, ("batch", *t.shape[1:]), str(t.dtype).replace("torch.", ""))
+                 for n, t in zip(names, tensors))
+
+
+def _versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+
+    from diffprompt import __version__
+
+    return {"diffprompt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__}
+
+
+def _check_graph(path: Path, module, example: tuple, input_names: list[str], output_names: list[str]) -> float:
+    """onnx.checker + one onnxruntime run against PyTorch; returns the max abs difference."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path))  # by path: the external weights file is checked too
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(output_names, {n: t.numpy() for n, t in zip(input_names, example)})
+    with torch.no_grad():
+        want = module(*example)
+    want = want if isinstance(want, tuple) else (want,)
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+
+
+def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
+    """A small real batch for tracing: random pixels, two synthetic expressions."""
+    cfg = pipeline.foundation.config
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
+    ids, mask = pipeline.tokenizer(["the small red circle", "the second star from the left"][:batch] * batch)
+    return pixels, torch.from_numpy(ids[:batch]).long(), torch.from_numpy(mask[:batch]).long()
+
+
+def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
+                    tokenizer_file: Path, progress: bool = True) -> Path:
+    """Write one artifact directory; returns its path."""
+    tmp = staging_dir(out)
+    try:
+        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_directory(tmp, out)
+
+
+def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str, tokenizer_file: Path,
+                    progress: bool) -> None:
+    """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
+    foundation, learner = pipeline.foundation.eval(), pipeline.learner
+    pixels, ids, mask = example_inputs(pipeline)
+    graphs: dict[str, GraphInfo] = {}
+    diffs: dict[str, float] = {}
+    jobs = []
+    diffprompt = learner is not None and learner.needs_masks
+
+    if diffprompt:
+        enc = ConditionEncoder(foundation, pipeline.dit.eval())
+        with torch.no_grad():
+            cond = enc(pixels, ids, mask)
+        jobs.append(("condition_encoder", enc, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
+                     enc.output_names))
+        den = Denoiser(pipeline.dit.eval())
+        used = list(cond)  # the denoiser takes every condition_encoder output, in the same order
+        c = pipeline.dit.config
+        latent_shape = (c.latent_channels, c.latent_size, c.latent_size)
+        latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(1))
+        jobs.append(("denoiser", den, (latents, torch.tensor([99, 3]), *used),
+                     ["latents", "timesteps", *den.condition_names], ["model_output"]))
+        builder = PromptBuilder(pipeline.vae.eval(), learner.eval())
+        kept = torch.randn(2, learner.mask_layers, c.latent_channels, c.latent_size, c.latent_size)
+        with torch.no_grad():
+            vp, tp, _ = builder(kept)
+        jobs.append(("prompt_builder", builder, (kept,), ["kept_latents"],
+                     ["vision_prompts", "text_prompts", "mask_logits"]))
+        ground = Grounding(foundation, learner.eval())
+        jobs.append(("grounding", ground, (pixels, ids, mask, vp, tp),
+                     ["pixel_values", "input_ids", "attention_mask", "vision_prompts", "text_prompts"],
+                     ["logits", "boxes"]))
+    else:
+        ground = Grounding(foundation, learner.eval() if learner is not None else None)
+        jobs.append(("grounding", ground, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
+                     ["logits", "boxes"]))
+
+    for gname, module, example, inputs, outputs in tqdm(jobs, desc=f"export {name}", disable=not progress):
+        path = tmp / f"{gname}.onnx"
+        export_onnx(module, example, path, inputs, outputs)
+        with torch.no_grad():
+            result = module(*example)
+        result = result if isinstance(result, tuple) else (result,)
+        graphs[gname] = GraphInfo(path.name, _io(inputs, example), _io(outputs, result))
+    # The foundation's weights are in condition_encoder and grounding: store every tensor once.
+    share_weights(tmp, [g.file for g in graphs.values()])
+    for gname, module, example, inputs, outputs in jobs:  # check the graphs as they are shipped
+        diffs[gname] = _check_graph(tmp / graphs[gname].file, module, example, inputs, outputs)
+    shutil.copy(tokenizer_file, tmp / TOKENIZER_FILE)
+
+    cfg = foundation.config
+    sampler = None
+    if diffprompt:
+        sched = pipeline.scheduler
+        sampler = SamplerInfo(
+            conditioning=pipeline.dit.config.conditioning,
+            denoiser_conditions=tuple(Denoiser(pipeline.dit).condition_names),
+            latent_shape=(c.latent_channels, c.latent_size, c.latent_size),
+            mask_size=pipeline.vae.config.sample_size,
+            prediction_type=sched.config.prediction_type,
+            clip_sample_range=float(sched.config.clip_sample_range) if sched.config.clip_sample else None,
+            schedule=tuple(steps_from_table(schedule_table(sched, steps))),
+            kept_outputs=tuple(kept_outputs(sched, steps, learner.mask_layers)),
+            prompt_depth={"vision": learner.vision_depth, "text": learner.text_depth},
+            prompt_length=learner.config.length,
+        )
+    files = {p.name: file_entry(p) for p in sorted(tmp.iterdir())}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    manifest = Manifest(
+        name=name, model_version=f"{name}-{digest}",
+        method=learner.config.method if learner is not None else "foundation",
+        image=ImageSpec.from_config(cfg), num_patches=cfg.num_patches,
+        tokenizer=TokenizerInfo(TOKENIZER_FILE, cfg.max_text_length),
+        ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
+        export_max_abs_diff=diffs,
+    )
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))

@@ -1,0 +1,34 @@
+"""Command-line options shared by the training commands. No torch here: `--help` stays instant.
+
+    add_data_args   where the data comes from (synthetic splits under --data-dir, or json files)
+    add_run_args    where the result goes and how the run runs: --output (default under runs/),
+                    --overwrite, --run-root, --seed, --threads, --device, --no-progress
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_data_args(p: argparse.ArgumentParser, train: str = "train", val: str = "val",
+                  val_limit: int | None = None) -> None:
+    """--data-dir, --train-json, --val-json, --val-limit; `train` / `val` name the default synthetic splits."""
+    p.add_argument("--data-dir", default="data/synthetic", help="synthetic splits (written here if missing)")
+    p.add_argument("--train-json", default=None, help=f"MDETR-style train json (default: synthetic {train})")
+    p.add_argument("--val-json", default=None, help=f"MDETR-style val json (default: synthetic {val})")
+    p.add_argument("--val-limit", type=int, default=val_limit, help="validate on the first N expressions only")
+
+
+def add_run_args(p: argparse.ArgumentParser, output: str) -> None:
+    """--output (default `output`; a name in <angle brackets> is filled in by the command's main from
+    that option), --overwrite, and the runner's options (training/stages/runner.py)."""
+    p.add_argument("--output", default=None if "<" in output else output,
+                   help=f"the directory the stage writes (default: {output}); "
+                        "it must be missing or empty unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output (atomically, when the stage saves)")
+    p.add_argument("--run-root", default="runs", help="run folders NNN-<stage> (log, summary, resumable state)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -1,0 +1,175 @@
+"""Stage 2: train the prompt generator (DiT) to denoise Mask-VAE latents of referred objects.
+
+Conditions come from the frozen foundation run without prompts (pooled embeddings; with
+`--conditioning tokens` also its image and text tokens); they and the target latents are
+computed once, then the DiT trains from memory with an MSE loss on its prediction (x0 for our
+checkpoints, `--prediction-type`), plus the pointer head's cross-entropy in tokens mode. EMA
+weights sample; validation samples val masks with DDIM and reports the IoU of the final decoded
+mask with the target, and --output keeps the EMA weights of the best validation with the one
+noise schedule (`scheduler_config.json`). Options and the deviations from the paper:
+training/train_prompt_dit.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffprompt.core.image_spec import ImageSpec
+from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.rec_arrays import RecArrays, load_rec_arrays
+from diffprompt.training.models.diffprompt import SCHEDULER_FILE, foundation_conditions, load_foundation
+from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, encode_masks, mask_iou
+from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
+from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
+from diffprompt.training.stages.runner import StageRunner, split_paths
+from diffprompt.training.utils.ema import EMA
+
+
+@torch.no_grad()
+def compute_conditions(foundation, tokenizer, data: RecArrays, tokens: bool, batch_size: int = 64,
+                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """Every sample's DiT conditions, concatenated along the batch (float32, on CPU)."""
+    parts: list[dict[str, torch.Tensor]] = []
+    for lo in tqdm(range(0, len(data), batch_size), desc="conditions", disable=not progress, leave=False):
+        ids, mask = tokenizer([s.expression for s in data.samples[lo: lo + batch_size]])
+        parts.append(foundation_conditions(foundation, data.pixels[lo: lo + batch_size].float(),
+                                           torch.from_numpy(ids), torch.from_numpy(mask), tokens))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
+def sampled_mask_iou(dit, scheduler, vae, cond: dict, targets: torch.Tensor, steps: int, seed: int = 0,
+                     batch_size: int = 128) -> float:
+    """Mean IoU of the final DDIM sample's decoded mask with the target masks."""
+    dit.eval()
+    ious = []
+    for lo in range(0, len(targets), batch_size):
+        c = {k: v[lo: lo + batch_size] for k, v in cond.items()}
+        seeds = [seed * 1_000_003 + i for i in range(lo, lo + len(c["image_embed"]))]
+        x0 = sample_prompt_latents(dit, scheduler, c, seeds, steps, depth=1)[:, 0]
+        ious.append(mask_iou(decode_latents(vae, x0)[:, 0] > 0, targets[lo: lo + batch_size]))
+    return float(torch.cat(ious).mean())
+
+
+@torch.no_grad()
+def pointer_accuracy(dit: PromptDiT, cond: dict, targets: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of samples whose pointer head picks the patch holding the referred object."""
+    dit.eval()
+    hits = []
+    for lo in range(0, len(targets), batch_size):
+        c = {k: v[lo: lo + batch_size] for k, v in cond.items()}
+        logits = dit.prepare_conditions(**c)["pointer_logits"]  # (B, P): the condition-only part, no DiT blocks
+        hits.append(logits.argmax(1) == targets[lo: lo + batch_size])
+    return float(torch.cat(hits).float().mean())
+
+
+def main(args: argparse.Namespace) -> dict:
+    with StageRunner(f"prompt_dit_{args.conditioning}", args) as run:
+        return train(run, args)
+
+
+def train(run: StageRunner, args: argparse.Namespace) -> dict:
+    log = run.log
+    foundation, tokenizer = load_foundation(args.foundation)
+    foundation.eval().requires_grad_(False)
+    fcfg, vae_cfg = foundation.config, MaskVAE.load_config(args.mask_vae)
+    tokens = args.conditioning == "tokens"
+    # Built before the Mask-VAE is loaded: loading a model builds it first (models/pretrained.py) and so
+    # draws from the same RNG, and the DiT's initial weights have always followed the foundation's draws.
+    dit = PromptDiT(PromptDiTConfig(
+        latent_channels=vae_cfg.latent_channels, latent_size=vae_cfg.latent_size, conditioning=args.conditioning,
+        image_embed_dim=fcfg.projection_dim, text_embed_dim=fcfg.projection_dim,
+        image_token_dim=fcfg.vision.hidden_size, text_token_dim=fcfg.text.hidden_size, image_grid=fcfg.grid_size,
+        context_layers=args.context_layers if tokens else 0, **PROMPT_DIT_PRESETS[args.preset],
+    )).to(run.device)
+    vae = MaskVAE.from_pretrained(args.mask_vae).requires_grad_(False)
+    m = vae.config.sample_size
+    spec = ImageSpec.from_config(fcfg)
+    train_json, val_json = split_paths(run, args, "train", "val")
+    train_data = load_rec_arrays(load_mdetr(train_json), spec, m, progress=args.progress,
+                                 cache_dir=Path(args.data_dir) / ".cache")
+    val = load_rec_arrays(list(load_mdetr(val_json))[: args.val_limit], spec, m, progress=args.progress)
+    cond = compute_conditions(foundation, tokenizer, train_data, tokens, progress=args.progress and run.is_main)
+    val_cond = compute_conditions(foundation, tokenizer, val, tokens, progress=args.progress and run.is_main)
+    latents = torch.cat([encode_masks(vae, train_data.masks[lo: lo + 256]) for lo in range(0, len(train_data), 256)])
+    pointer_targets = referred_patch(train_data.masks, fcfg.grid_size)  # (N,) the patch holding each referred object
+    val_pointer_targets = referred_patch(val.masks, fcfg.grid_size)
+    train_data.pixels = val.pixels = None  # conditions are all the DiT needs
+
+    scheduler = make_scheduler({"num_train_timesteps": args.train_timesteps, "prediction_type": args.prediction_type,
+                                "clip_sample": args.clip_sample > 0, "clip_sample_range": args.clip_sample or 1.0})
+    n_params = sum(p.numel() for p in dit.parameters())
+    log.info(f"run {run.run_dir}: {len(train_data)} train latents {tuple(latents.shape[1:])}, {len(val)} val, "
+             f"conditioning {args.conditioning}, {n_params / 1e6:.2f} M parameters, world size {run.world_size}")
+
+    ema = EMA(dit.parameters(), decay=args.ema_decay)
+    model = run.wrap(dit)
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
+    batches = run.batches(len(train_data), args.batch_size)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + run.rank)
+    t0 = time.time()
+    history, best = [], -1.0
+    bar = run.progress(args.steps, f"dit-{args.conditioning}")
+    for step in range(args.steps):
+        idx = torch.from_numpy(batches.at_step(step))
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, args.train_timesteps, (len(idx),), generator=generator)
+        xt = scheduler.add_noise(x0, noise, t)
+        c = {k: v[idx].to(run.device) for k, v in cond.items()}
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            out = model(xt.to(run.device), t.to(run.device), **c, return_pointer=dit.pointer)
+        prediction, pointer_logits = out if dit.pointer else (out, None)
+        target = {"epsilon": noise, "sample": x0}.get(args.prediction_type) if args.prediction_type != "v_prediction" \
+            else scheduler.get_velocity(x0, noise, t)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.to(run.device))
+        if dit.pointer:  # the pointer head's direct "which patch is referred" signal
+            loss = loss + args.pointer_loss_weight * torch.nn.functional.cross_entropy(
+                pointer_logits.float(), pointer_targets[idx].to(run.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+        ema.update(dit.parameters())
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.log_every == 0:
+            log.info(f"step {step + 1}/{args.steps} loss {run.mean(loss.item()):.4f} ({time.time() - t0:.0f}s)")
+        last = step + 1 == args.steps
+        if run.is_main and ((step + 1) % args.eval_every == 0 or last):
+            with ema.applied(dit.parameters()):
+                iou = {s: sampled_mask_iou(dit, scheduler, vae, val_cond, val.masks, s) for s in args.eval_steps}
+                history.append({"step": step + 1, **{f"val_mask_iou@{s}": v for s, v in iou.items()}})
+                pointer_note = ""
+                if dit.pointer:
+                    acc = pointer_accuracy(dit, val_cond, val_pointer_targets)
+                    history[-1]["val_pointer_accuracy"] = acc
+                    pointer_note = f"; pointer on the referred patch {100 * acc:.1f}%"
+                log.info(f"step {step + 1}: val mask IoU (EMA) "
+                         + ", ".join(f"{s} steps {v:.4f}" for s, v in iou.items()) + pointer_note)
+                score = iou[args.eval_steps[0]]
+                if score > best:  # keep the EMA weights with the best val mask IoU
+                    best = score
+                    run.save(lambda d: save_dit(dit, scheduler, d))
+                    log.info(f"saved EMA weights (best val mask IoU {best:.4f}) to {run.output}")
+            dit.train()
+        run.barrier()
+    bar.close()
+
+    summary = run.finish({"seconds": time.time() - t0, "parameters": n_params, "history": history,
+                          "conditioning": args.conditioning, "best_val_mask_iou": best})
+    log.info(f"done in {(time.time() - t0) / 60:.1f} min; {run.output} holds the EMA weights with the best "
+             f"val mask IoU ({best:.4f})")
+    return summary
+
+
+def save_dit(dit: PromptDiT, scheduler, directory: Path) -> None:
+    """The stage-2 checkpoint: config.json + model.safetensors (EMA weights) + scheduler_config.json."""
+    dit.save_pretrained(directory)
+    scheduler.save_config(directory)
+    assert (directory / SCHEDULER_FILE).exists()
