@@ -8,7 +8,10 @@ it drives POST /v1/ground (multipart, a 128 x 128 sample PNG, varying expression
 `concurrency` closed-loop clients (1, 8 and 32 by default) until `--requests` have been answered or
 `--duration` seconds have passed, whichever comes first, and reports throughput (answered requests
 per second of wall time) and p50 / p99 latency (ms, client side). Prints one side-by-side table and
-the batching speed-up at the highest concurrency; `--out` writes everything as JSON.
+the batching speed-up at the highest concurrency; `--out` writes everything as JSON, including the
+top box of every answer (`answers`) and, per mode, the requests sent next to the number the
+server's own `diffprompt_request_duration_seconds_count` counted (`requests`). The exit status is 1
+if any request failed or the two counts differ.
 
 The load generator runs on the same machine: on a small CPU it competes with the server, so read
 the numbers as relative (batching on vs off), not as the server's capacity.
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "service" / "static" / "samples" / "squares.png"
@@ -74,6 +78,19 @@ class Server:
         self.stop()
         raise SystemExit(f"the server was not ready within {timeout} s; see {self.log.name}")
 
+    def ground_requests_counted(self, timeout: float = 30.0) -> int:
+        """POST /v1/ground requests the server counted, every status (its request histogram's _count),
+        read once nothing is in flight (a request is counted just after its answer is written)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = httpx.get(self.url + "/metrics", timeout=30).text
+            samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+            in_flight = sum(s.value for s in samples if s.name == "diffprompt_requests_in_flight")
+            if in_flight == 0 or time.monotonic() > deadline:
+                return int(sum(s.value for s in samples if s.name == "diffprompt_request_duration_seconds_count"
+                               and s.labels.get("route") == "/v1/ground"))
+            time.sleep(0.05)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -87,8 +104,10 @@ class Server:
 
 
 async def drive(url: str, image: bytes, concurrency: int, requests: int, duration: float) -> dict:
-    """`concurrency` closed-loop clients until `requests` answers or `duration` s; latency stats in ms."""
+    """`concurrency` closed-loop clients until `requests` answers or `duration` s; latency stats in ms,
+    and the top box of each answer (`answers`: expression, seed, score, xyxy)."""
     latencies: list[float] = []
+    answers: list[dict] = []
     errors: dict[str, int] = {}
     issued = 0
     stop_at = time.perf_counter() + duration
@@ -99,7 +118,8 @@ async def drive(url: str, image: bytes, concurrency: int, requests: int, duratio
         while issued < requests and time.perf_counter() < stop_at:
             i = issued
             issued += 1
-            data = {"expression": EXPRESSIONS[i % len(EXPRESSIONS)], "seed": str(i), "top_k": "5"}
+            expression = EXPRESSIONS[i % len(EXPRESSIONS)]
+            data = {"expression": expression, "seed": str(i), "top_k": "5"}
             start = time.perf_counter()
             try:
                 r = await client.post("/v1/ground", files={"image": ("sample.png", image, "image/png")}, data=data)
@@ -108,6 +128,8 @@ async def drive(url: str, image: bytes, concurrency: int, requests: int, duratio
                 key = type(e).__name__
             if key is None:
                 latencies.append((time.perf_counter() - start) * 1000.0)
+                top = r.json()["boxes"][0]
+                answers.append({"expression": expression, "seed": i, "score": top["score"], "xyxy": top["xyxy"]})
             else:
                 errors[key] = errors.get(key, 0) + 1
 
@@ -116,26 +138,33 @@ async def drive(url: str, image: bytes, concurrency: int, requests: int, duratio
         await asyncio.gather(*(client_loop(client, w) for w in range(concurrency)))
         wall = time.perf_counter() - started
     lat = np.asarray(latencies)
-    return {"concurrency": concurrency, "ok": len(latencies), "errors": errors, "seconds": wall,
+    return {"concurrency": concurrency, "ok": len(latencies), "errors": errors, "sent": issued, "seconds": wall,
             "throughput_rps": len(latencies) / wall if wall > 0 else 0.0,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None, "answers": answers}
 
 
-def run_mode(name: str, args: argparse.Namespace, image: bytes, log_dir: Path, **settings: object) -> list[dict]:
+def run_mode(name: str, args: argparse.Namespace, image: bytes, log_dir: Path,
+             **settings: object) -> tuple[list[dict], dict]:
+    """The cells of one mode, and {"sent", "server_counted"}: POST /v1/ground requests sent (warm-up
+    included) and the number the server's request histogram counted, scraped before it stops."""
     extra = {"intra_op_threads": args.threads} if args.threads is not None else {}
     server = Server(args.artifact, log_dir / f"server-{name.replace(' ', '-')}.log",
                     max_queue=max(256, 2 * max(args.concurrency)),
                     request_timeout_s=300, **extra, **settings)
     try:
         server.wait_ready()
-        asyncio.run(drive(server.url, image, 2, 4, 60.0))  # warm the connection pool and caches
+        warm = asyncio.run(drive(server.url, image, 2, 4, 60.0))  # warm the connection pool and caches
         cells = []
         for c in args.concurrency:
             cell = asyncio.run(drive(server.url, image, c, args.requests, args.duration))
             cells.append(cell)
             print(f"  {name:>12}  concurrency {c:>3}: {cell['ok']} ok in {cell['seconds']:.1f} s", flush=True)
-        return cells
+        requests = {"sent": warm["sent"] + sum(c["sent"] for c in cells),
+                    "server_counted": server.ground_requests_counted()}
+        print(f"  {name:>12}  requests sent {requests['sent']}, counted by the server {requests['server_counted']}",
+              flush=True)
+        return cells, requests
     finally:
         server.stop()
 
@@ -166,9 +195,9 @@ def main(args: argparse.Namespace) -> int:
     manifest = json.loads((args.artifact / "manifest.json").read_text())
     print(f"{manifest.get('model_version')} ({manifest.get('ddim_steps')} DDIM steps), "
           f"{args.requests} requests or {args.duration} s per cell, concurrency {args.concurrency}", flush=True)
-    on = run_mode("batching on", args, image, log_dir, max_batch_size=args.max_batch_size,
-                  max_wait_ms=args.max_wait_ms)
-    off = run_mode("batching off", args, image, log_dir, max_batch_size=1, max_wait_ms=0)
+    on, on_requests = run_mode("batching on", args, image, log_dir, max_batch_size=args.max_batch_size,
+                               max_wait_ms=args.max_wait_ms)
+    off, off_requests = run_mode("batching off", args, image, log_dir, max_batch_size=1, max_wait_ms=0)
     top = max(args.concurrency)
     a, b = off[args.concurrency.index(top)], on[args.concurrency.index(top)]
     speedup = b["throughput_rps"] / a["throughput_rps"] if a["throughput_rps"] else None
@@ -183,12 +212,13 @@ def main(args: argparse.Namespace) -> int:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()},
               "batching_on": on, "batching_off": off, "speedup_at_max_concurrency": speedup,
-              "max_concurrency": top}
+              "max_concurrency": top, "requests": {"batching_on": on_requests, "batching_off": off_requests}}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     errors = sum(sum(c["errors"].values()) for c in on + off)
-    return 0 if errors == 0 else 1
+    miscounted = [r for r in (on_requests, off_requests) if r["sent"] != r["server_counted"]]
+    return 0 if errors == 0 and not miscounted else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,9 @@
 
 Each directory is one deployable model with one fixed DDIM step count: the four graphs of
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
-`tokenizer.json`, and `manifest.json` (model/graphs.py and manifest.py say what is in it).
+their weights stored once in `weights.bin` (model_export/shared_weights.py: the foundation runs
+in two graphs but is stored once), `tokenizer.json`, and `manifest.json`
+(diffprompt/core/manifest.py says what is in it).
 Every graph is checked with `onnx.checker` and run once in onnxruntime against PyTorch before
 the manifest is written; the directory appears atomically (written to a staging sibling,
 then swapped in: diffprompt.core.files).
@@ -45,6 +47,7 @@ from diffprompt.model_export.graphs import (
     PromptBuilder,
     export_onnx,
 )
+from diffprompt.model_export.shared_weights import share_weights
 from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
 from diffprompt.training.models.prompt_sampler import kept_outputs
 
@@ -82,7 +85,7 @@ def _check_graph(path: Path, module, example: tuple, input_names: list[str], out
     import onnx
     import onnxruntime as ort
 
-    onnx.checker.check_model(onnx.load(str(path)))
+    onnx.checker.check_model(str(path))  # by path: the external weights file is checked too
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(output_names, {n: t.numpy() for n, t in zip(input_names, example)})
     with torch.no_grad():
@@ -153,11 +156,14 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
     for gname, module, example, inputs, outputs in tqdm(jobs, desc=f"export {name}", disable=not progress):
         path = tmp / f"{gname}.onnx"
         export_onnx(module, example, path, inputs, outputs)
-        diffs[gname] = _check_graph(path, module, example, inputs, outputs)
         with torch.no_grad():
             result = module(*example)
         result = result if isinstance(result, tuple) else (result,)
         graphs[gname] = GraphInfo(path.name, _io(inputs, example), _io(outputs, result))
+    # The foundation's weights are in condition_encoder and grounding: store every tensor once.
+    share_weights(tmp, [g.file for g in graphs.values()])
+    for gname, module, example, inputs, outputs in jobs:  # check the graphs as they are shipped
+        diffs[gname] = _check_graph(tmp / graphs[gname].file, module, example, inputs, outputs)
     shutil.copy(tokenizer_file, tmp / TOKENIZER_FILE)
 
     cfg = foundation.config

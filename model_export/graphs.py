@@ -12,7 +12,7 @@
     grounding          pixel_values, input_ids, attention_mask [, vision_prompts, text_prompts]
                        -> logits (B,P), boxes (B,P,4) cxcywh in [0, 1] of the input square
 
-The DDIM loop between denoiser calls runs in numpy (model_export/ddim.py) from the schedule
+The DDIM loop between denoiser calls runs in numpy (diffprompt/core/ddim.py) from the schedule
 table in the manifest, so one denoiser graph serves every step count; the artifact still
 records and enforces its one step count.
 """

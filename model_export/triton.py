@@ -30,6 +30,7 @@ from pathlib import Path
 
 from diffprompt.core.files import replace_directory, staging_dir
 from diffprompt.core.manifest import MANIFEST_FILE, ArtifactError, GraphInfo, Manifest, validate_artifact
+from diffprompt.model_export.shared_weights import WEIGHTS_FILE
 
 GRAPHS = ("condition_encoder", "denoiser", "prompt_builder", "grounding")
 BLS_MODEL = "diffprompt"
@@ -225,7 +226,7 @@ def _write(tmp: Path, artifact_dir: Path, manifest: Manifest, io: dict, bls: tup
     batching = (max_batch_size, preferred_batch_sizes, max_queue_delay_us)
     for name in io:
         (tmp / name / VERSION).mkdir(parents=True)
-        shutil.copyfile(artifact_dir / manifest.graphs[name].file, tmp / name / VERSION / "model.onnx")
+        copy_graph(artifact_dir / manifest.graphs[name].file, tmp / name / VERSION / "model.onnx")
         (tmp / name / "config.pbtxt").write_text(
             onnx_model_config(name, *io[name], *batching, instance_kind, tensorrt_accelerator))
     if bls is not None:
@@ -242,8 +243,21 @@ def _write(tmp: Path, artifact_dir: Path, manifest: Manifest, io: dict, bls: tup
     (tmp / "README.md").write_text(repository_readme(manifest, io, bls, instance_kind, tensorrt_accelerator))
 
 
+def copy_graph(src: Path, dst: Path) -> None:
+    """One graph as a Triton model: `model.onnx`, and its own tensors in `model.onnx.data` when the
+    artifact keeps them in a shared weights.bin (each Triton model loads on its own)."""
+    if not (src.parent / WEIGHTS_FILE).exists():
+        shutil.copyfile(src, dst)
+        return
+    import onnx
+
+    model = onnx.load(str(src))  # reads its tensors from the artifact's weights.bin
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
+
+
 # The numpy-only core modules the Python-backend model imports (diffprompt.core.pipeline and what it needs).
-VENDORED_CORE = ("ddim.py", "image_spec.py", "manifest.py", "pipeline.py")
+VENDORED_CORE = ("ddim.py", "errors.py", "image_spec.py", "manifest.py", "pipeline.py")
 
 
 def vendor_core(version_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """Diff-Prompt grounding as a Triton Python-backend model (BLS).
 
 `diffprompt.model_export.triton` copies this file to `<repo>/diffprompt/1/model.py`, the artifact's
-`manifest.json` beside it, and the numpy-only part of the core (`diffprompt/core/{ddim, image_spec,
+`manifest.json` beside it, and the numpy-only part of the core (`diffprompt/core/{ddim, errors, image_spec,
 manifest, pipeline}.py`) to `<repo>/diffprompt/1/diffprompt/`, so the model runs the very pipeline
 the onnxruntime service runs (`diffprompt.core.pipeline.run_pipeline`) with numpy as its only
 dependency. One request row = one image, one tokenized expression and one seed:

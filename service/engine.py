@@ -35,6 +35,7 @@ from diffprompt.core.runtime import GroundingRuntime
 from diffprompt.service.batching import MicroBatcher
 from diffprompt.service.errors import EngineFailed, MaskUnavailable, NotReady, RequestTimeout, ShuttingDown
 from diffprompt.service.images import configure_pillow, decode_image
+from diffprompt.service.memory import available_bytes, batch_cap, rss_bytes
 from diffprompt.service.metrics import Metrics
 from diffprompt.service.settings import Settings
 
@@ -115,6 +116,7 @@ class Engine:
         self.message = "not started"
         self.manifest: Manifest | None = None
         self.runtime: GroundingRuntime | None = None
+        self.max_batch_size = settings.max_batch_size  # lowered at load time if memory cannot hold it
         self.batcher: MicroBatcher[_Item, _Raw] | None = None
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="diffprompt-infer")
         self._cpu_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="diffprompt-cpu")
@@ -135,7 +137,7 @@ class Engine:
 
     async def _load(self) -> None:
         s = self.settings
-        self.message = f"loading {s.artifact_dir} and warming up batch sizes {list(s.warmup_sizes)}"
+        self.message = f"loading {s.artifact_dir} and warming up"
         log.info("%s", self.message)
         start = time.perf_counter()
         try:
@@ -148,7 +150,7 @@ class Engine:
         self.metrics.model_info.info({"model_version": self.model_version, "ddim_steps": str(rt.steps),
                                       "provider": rt.provider, "providers": rt.describe(),
                                       "method": self.method})
-        self.batcher = MicroBatcher(self._run_batch, self._infer_pool, max_batch_size=s.max_batch_size,
+        self.batcher = MicroBatcher(self._run_batch, self._infer_pool, max_batch_size=self.max_batch_size,
                                     max_wait_s=s.max_wait_ms / 1000.0, max_queue=s.max_queue,
                                     retry_after_s=s.retry_after_s, metrics=self.metrics)
         self.batcher.start()
@@ -165,8 +167,38 @@ class Engine:
                                 min_batch=1, opt_batch=s.max_batch_size, max_batch=top,
                                 intra_op_threads=s.intra_op_threads)
         runtime = GroundingRuntime.load(s.artifact_dir, config, check_hashes=False, warmup=False)  # hashed above
-        runtime.warmup(s.warmup_sizes)
+        if s.warmup_batch_sizes or runtime.provider != "CPUExecutionProvider":
+            runtime.warmup(s.warmup_sizes)  # sizes set by hand, or device memory that RSS does not show
+            self.max_batch_size = s.max_batch_size
+            return runtime
+        self.max_batch_size = self._fit_batch_to_memory(runtime)
         return runtime
+
+    def _fit_batch_to_memory(self, runtime: GroundingRuntime) -> int:
+        """Warm up at 1 and 2, measure what one more item costs, and cap batches to what memory holds.
+
+        A small model keeps `max_batch_size`; OWLv2 at 960 px (GBs per item) gets a cap that fits in
+        `memory_fraction` of the memory available after warm-up (service/memory.py). Returns the cap.
+        """
+        s = self.settings
+        before = rss_bytes()
+        runtime.warmup((1,))
+        one = rss_bytes()
+        warmed = 1
+        if s.max_batch_size >= 2:
+            runtime.warmup((2,))
+            warmed = 2
+        two = rss_bytes()
+        if before is None or one is None or two is None:
+            cap = s.max_batch_size
+        else:
+            per_item = max(two - one, (one - before) / 2)
+            cap = batch_cap(per_item, available_bytes(), s.memory_fraction, warmed, s.max_batch_size)
+            log.info("one batch item holds ~%.0f MB; batches capped at %d (max_batch_size %d)",
+                     per_item / 2**20, cap, s.max_batch_size)
+        if cap > warmed:
+            runtime.warmup((cap,))
+        return cap
 
     def _engine_cache_dir(self) -> str | None:
         """The TensorRT engine cache of this model and runtime build (deploy/README.md, section 6)."""
@@ -222,7 +254,7 @@ class Engine:
         return {"model_version": self.model_version, "ddim_steps": self.ddim_steps,
                 "method": self.method or None, "provider": rt.provider if rt else None,
                 "providers": rt.describe() if rt else None, "makes_masks": self.makes_masks,
-                "max_batch_size": self.settings.max_batch_size}
+                "max_batch_size": self.max_batch_size}
 
     # -- inference --------------------------------------------------------------------------------
 

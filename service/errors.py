@@ -54,6 +54,12 @@ class MaskUnavailable(ServiceError):
     status, code = 422, "mask_unavailable"
 
 
+class BadRequest(ServiceError):
+    """A malformed body (e.g. multipart/form-data without a boundary or with broken framing)."""
+
+    status, code = 400, "bad_request"
+
+
 class InvalidJSON(ServiceError):
     """The JSON body does not parse."""
 

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from diffprompt import __version__
 from diffprompt.service.api.handlers import install_error_handlers
@@ -52,8 +53,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own metrics registry; `settings` defaults to the process-wide `get_settings()`."""
     settings = settings or get_settings()
-    app = FastAPI(title="Diff-Prompt grounding service", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # fastapi-offline: /docs serves the Swagger UI files from its package (under /static-offline-docs),
+    # not from a CDN, so the docs work on a machine without internet.
+    app = FastAPIOffline(title="Diff-Prompt grounding service", version=__version__, description=DESCRIPTION,
+                         lifespan=lifespan, docs_url="/docs", redoc_url=None, favicon_url=demo.FAVICON_URL,
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.engine = None
@@ -63,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(demo.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=app.state.metrics)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=app.state.metrics,
+                       drain_bytes=settings.body_drain_bytes, drain_seconds=settings.body_drain_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)  # added last = outermost
     return app

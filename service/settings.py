@@ -50,10 +50,14 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = Field(None, ge=0, description="onnxruntime threads per graph (None = all cores)")
     check_hashes: bool = Field(True, description="verify the sha256 of every artifact file at start")
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
-        default_factory=list, description="batch sizes run once before ready (empty = 1 and max_batch_size)")
+        default_factory=list, description="batch sizes run once before ready (empty = 1, 2 and the batch cap, "
+        "measured against free memory)")
 
     # -- batching and back-pressure --------------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1, le=1024, description="most requests in one runtime.ground call")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="most requests in one runtime.ground call "
+                                "(on CPU lowered at start-up to what memory_fraction of the free memory holds)")
+    memory_fraction: float = Field(0.6, gt=0, le=1.0, description="share of the memory free after warm-up "
+                                   "that a batch may take (sizes the batch cap; ignored with warmup_batch_sizes)")
     max_wait_ms: float = Field(5.0, ge=0, le=60_000, description="how long a batch waits to fill up")
     max_queue: int = Field(64, ge=1, description="requests admitted but not yet running; more -> 503")
     request_timeout_s: float = Field(30.0, gt=0, description="queue wait + inference budget per request; -> 504")
@@ -62,6 +66,10 @@ class Settings(BaseSettings):
 
     # -- input limits ----------------------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="request body cap (413 beyond)")
+    body_drain_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="after a 413 body_too_large, read and discard the rest of a body up to "
+                                            "this size (so clients that send all before reading see the 413)")
+    body_drain_timeout_s: float = Field(30.0, ge=0, description="longest time spent discarding such a body")
     max_image_pixels: int = Field(25_000_000, ge=64 * 64, description="width x height cap (413 beyond)")
     max_expression_chars: int = Field(256, ge=1, le=10_000, description="expression length cap")
     default_top_k: int = Field(5, ge=1, le=100, description="boxes returned when top_k is not given")
@@ -105,7 +113,7 @@ class Settings(BaseSettings):
 
     @property
     def warmup_sizes(self) -> tuple[int, ...]:
-        """Batch sizes to warm up: the configured ones, else 1 and max_batch_size."""
+        """Batch sizes to warm up by hand: the configured ones, else 1 and max_batch_size (GPU providers)."""
         return tuple(sorted(set(self.warmup_batch_sizes or [1, self.max_batch_size])))
 
 

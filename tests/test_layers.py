@@ -29,7 +29,16 @@ SETUPTOOLS = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
 @pytest.fixture(scope="module")
 def unpacked_wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+    # Build from a copy of the checkout's files (tracked and new, not ignored ones): setuptools keeps a
+    # build/ directory in the source tree, whose stale files would otherwise end up in the wheel.
+    src = out / "src"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                            "-q", "-w", str(out)], capture_output=True, text=True, cwd=out)
     assert proc.returncode == 0, proc.stderr
     (wheel,) = out.glob("diffprompt-*.whl")
@@ -72,6 +81,7 @@ def test_the_wheel_installs_one_namespace(unpacked_wheel):
     for sub in ("core", "training", "model_export", "service"):
         assert (pkg / sub / "__init__.py").exists(), sub
     assert (pkg / "service" / "static" / "index.html").exists()
+    assert (pkg / "service" / "static" / "favicon.ico").exists()
     assert sorted(p.name for p in (pkg / "service" / "static" / "samples").glob("*.png"))
     assert (pkg / "model_export" / "triton_model.py").exists()
 

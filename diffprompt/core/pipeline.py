@@ -35,7 +35,9 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """1 / (1 + exp(-x)) without overflow for large |x| (random or badly calibrated logits reach 1e3)."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.result_type(x, np.float32))
 
 
 @dataclass

@@ -200,12 +200,43 @@ def select_providers(
     return selected
 
 
-def session_options(config: ProviderConfig) -> onnxruntime.SessionOptions:
-    """Session options with all graph optimisations and the configured intra-op thread count."""
+_SHARED_CPU_ARENA = False
+
+
+def share_cpu_arena() -> None:
+    """Register one CPU arena allocator in onnxruntime's environment (once per process).
+
+    Sessions created with `session.use_env_allocators` then draw their working memory from it
+    instead of each keeping its own arena at its own peak: the two graphs that run the foundation
+    (condition_encoder, grounding) run one after the other, so they can reuse the same memory.
+    OWLv2 B/16 at 960 px, batch 1: 2.4 GB resident after both graphs ran, against 3.7 GB.
+    """
+    global _SHARED_CPU_ARENA
+    if _SHARED_CPU_ARENA:
+        return
     import onnxruntime
 
+    info = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                     onnxruntime.OrtMemType.DEFAULT)
+    try:
+        # onnxruntime's defaults: unlimited, grown to the next power of two. Growing by exactly what is
+        # asked (kSameAsRequested) fragments on a real model: OWLv2 batch 1 held 3.6 GB instead of 2.4.
+        onnxruntime.create_and_register_allocator(info, onnxruntime.OrtArenaCfg(0, -1, -1, -1))
+    except Exception as e:  # onnxruntime raises its own types; "already registered" is fine
+        if "already" not in str(e).lower():
+            raise
+    _SHARED_CPU_ARENA = True
+
+
+def session_options(config: ProviderConfig) -> onnxruntime.SessionOptions:
+    """Session options: all graph optimisations, the configured intra-op thread count, and the
+    process-wide CPU arena (`share_cpu_arena`) instead of one arena per session."""
+    import onnxruntime
+
+    share_cpu_arena()
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.use_env_allocators", "1")
     if config.intra_op_threads is not None:
         options.intra_op_num_threads = config.intra_op_threads
     return options

@@ -14,15 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
+from diffprompt.service.api.forms import read_multipart
 from diffprompt.service.engine import Engine, GroundOptions
 from diffprompt.service.errors import InvalidBase64, InvalidJSON, NotReady, Unauthorized, UnsupportedMediaType
 from diffprompt.service.metrics import Metrics
 from diffprompt.service.schemas import GroundParams, GroundRequest, clean_expression
 from diffprompt.service.settings import Settings
 
-MULTIPART_MAX_FIELDS = 16
+MULTIPART_MAX_PARTS = 16
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -102,17 +102,24 @@ def _decode_base64(text: str) -> bytes:
 
 
 async def _read_multipart(request: Request) -> tuple[GroundParams, bytes]:
-    async with request.form(max_files=1, max_fields=MULTIPART_MAX_FIELDS) as form:
-        fields: dict[str, Any] = {}
-        image: bytes | None = None
-        for key, value in form.multi_items():
-            if key in fields or (key == "image" and image is not None):
-                raise RequestValidationError([_error(("body", key), f"form field {key!r} given twice")])
-            if key == "image":
-                image = await value.read() if isinstance(value, UploadFile) else value.encode()
-            else:
-                fields[key] = value if isinstance(value, str) else "<file>"
-        params = _validate(GroundParams, fields, loc="body", missing_image=image is None)
+    parts = await read_multipart(request.headers.get("content-type", ""), request.stream(), MULTIPART_MAX_PARTS)
+    fields: dict[str, Any] = {}
+    image: bytes | None = None
+    for part in parts:
+        if part.name in fields or (part.name == "image" and image is not None):
+            raise RequestValidationError([_error(("body", part.name), f"form field {part.name!r} given twice")])
+        if part.name == "image":
+            image = bytes(part.data)
+        elif part.is_file:
+            fields[part.name] = "<file>"
+        else:
+            try:
+                fields[part.name] = part.text()
+            except UnicodeDecodeError as e:
+                raise RequestValidationError([_error(
+                    ("body", part.name), f"not valid UTF-8 text (byte {e.start}: {e.reason})", "string_unicode")],
+                ) from None
+    params = _validate(GroundParams, fields, loc="body", missing_image=image is None)
     return params, image or b""
 
 

@@ -208,3 +208,50 @@ def test_module_never_imports_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+ARENA_PROBE = r"""
+import sys
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from diffprompt.core.providers import ProviderConfig, session_options
+
+n = 6000  # the outer product below is an n x n float32 intermediate: 144 MB of working memory
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])  # dynamic, like the batch axis
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+axes = [helper.make_tensor("a1", TensorProto.INT64, [1], [1]), helper.make_tensor("a0", TensorProto.INT64, [1], [0])]
+nodes = [helper.make_node("Unsqueeze", ["x", "a1"], ["col"]), helper.make_node("Unsqueeze", ["x", "a0"], ["row"]),
+         helper.make_node("MatMul", ["col", "row"], ["outer"]), helper.make_node("ReduceSum", ["outer"], ["y"],
+                                                                                  keepdims=0)]
+model = helper.make_model(helper.make_graph(nodes, "outer", [x], [y], initializer=axes),
+                          opset_imports=[helper.make_opsetid("", 17)])
+data = model.SerializeToString()
+if sys.argv[1] == "shared":
+    options = lambda: session_options(ProviderConfig(preferred=("cpu",), intra_op_threads=1))
+else:
+    def options():
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = 1
+        return o
+sessions = [ort.InferenceSession(data, options(), providers=["CPUExecutionProvider"]) for _ in range(2)]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+for s in (*sessions, *sessions):  # each twice: working memory must not grow with repeated runs either
+    s.run(None, {"x": np.ones(n, np.float32)})
+print(rss() - before)
+"""
+
+
+def test_sessions_share_one_cpu_arena():
+    """Two sessions run one after the other keep one working set with session_options, two or more without."""
+    grown = {}
+    for mode in ("own", "shared"):
+        proc = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        grown[mode] = int(proc.stdout.split()[-1])
+    intermediate = 6000 * 6000 * 4
+    assert grown["own"] > 1.7 * intermediate, grown  # each session keeps its own arena at its peak
+    assert grown["shared"] < 0.6 * grown["own"], grown  # the second session reuses the first one's memory

@@ -1,8 +1,8 @@
 """Independent renderer of the synthetic referring-expression world spec.
 
-Written from the design-doc spec only (no code shared with ``training/``), so
-that the other team's model and loader can be checked on data they did not
-generate.  Shapes are rasterised with numpy: circles by a distance test,
+Written from the synthetic world's spec only (now docs/design.md, "The synthetic world"; no code
+shared with ``training/``), so that the other team's model and loader can be checked on data
+they did not generate.  Shapes are rasterised with numpy: circles by a distance test,
 polygons by half-plane tests (the star as a union of convex pieces), sampled at
 pixel centres ``(col + 0.5, row + 0.5)``.
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -44,13 +45,33 @@ def test_artifact_layout_and_manifest(artifacts):
         manifest = json.loads((d / MANIFEST_FILE).read_text())
         assert manifest["ddim_steps"] == steps and len(manifest["schedule"]) == steps
         assert set(manifest["graphs"]) == {"condition_encoder", "denoiser", "prompt_builder", "grounding"}
-        assert set(manifest["files"]) == {f"{g}.onnx" for g in manifest["graphs"]} | {"tokenizer.json"}
+        assert set(manifest["files"]) == {f"{g}.onnx" for g in manifest["graphs"]} | {"tokenizer.json", "weights.bin"}
         for graph in manifest["graphs"].values():
             assert all(i["shape"][0] == "batch" for i in graph["inputs"] + graph["outputs"])
         assert manifest["prompt_depth"] == {"vision": 1, "text": 1} and manifest["prompt_length"] == 8
         assert max(manifest["export_max_abs_diff"].values()) < 1e-3
         assert {"torch", "onnx", "onnxruntime", "diffusers", "diffprompt"} <= set(manifest["versions"])
-    assert not list(artifacts.glob("*.tmp"))
+    assert not list(artifacts.glob("*.tmp")) and not list(artifacts.glob(".*staging*"))
+
+
+def test_the_foundation_is_stored_once(artifacts, tiny_pipeline_dir):
+    """condition_encoder and grounding both run the foundation: its tensors are in weights.bin once."""
+    d = artifacts / "tiny-5steps"
+    spans = {}
+    for graph in ("condition_encoder", "denoiser", "prompt_builder", "grounding"):
+        model = onnx.load(str(d / f"{graph}.onnx"), load_external_data=False)
+        entries = [{e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.external_data]
+        assert {e["location"] for e in entries} == {"weights.bin"}
+        spans[f"{graph}.onnx"] = {(int(e["offset"]), int(e["length"])) for e in entries}
+    shared = spans["condition_encoder.onnx"] & spans["grounding.onnx"]
+    foundation_bytes = (tiny_pipeline_dir.parent / "foundation" / "model.safetensors").stat().st_size
+    assert sum(length for _, length in shared) > 0.8 * foundation_bytes
+    ends = [offset + length for entries in spans.values() for offset, length in entries]
+    assert (d / "weights.bin").stat().st_size == max(ends)  # every stored tensor is used, nothing twice
+    stored = sorted({span for entries in spans.values() for span in entries})
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(stored, stored[1:]))  # no overlapping spans
+    graph_bytes = sum((d / f"{g}.onnx").stat().st_size for g in ("condition_encoder", "grounding"))
+    assert graph_bytes < foundation_bytes  # before sharing, each of the two held more than the foundation
 
 
 @pytest.mark.parametrize("steps", [5, 3])

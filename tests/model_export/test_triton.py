@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
@@ -139,9 +140,13 @@ def assert_matches_runtime(got: dict, want, rows=slice(None), rtol=1e-5, atol=1e
 def test_repository_layout(repos, artifacts):
     repo = repos["gpu"]
     assert {p.name for p in repo.iterdir() if p.is_dir()} == GRAPHS | {"diffprompt"}
-    for graph in GRAPHS:
-        copied = (repo / graph / "1" / "model.onnx").read_bytes()
-        assert copied == (artifacts["diffprompt"] / f"{graph}.onnx").read_bytes()
+    for graph in GRAPHS:  # the same graph and tensors, its weights now in its own model.onnx.data
+        assert sorted(p.name for p in (repo / graph / "1").iterdir()) == ["model.onnx", "model.onnx.data"]
+        copied, original = (onnx.load(str(d / f)) for d, f in ((repo / graph / "1", "model.onnx"),
+                                                               (artifacts["diffprompt"], f"{graph}.onnx")))
+        assert copied.graph.node == original.graph.node
+        assert ({t.name: onnx.numpy_helper.to_array(t).tobytes() for t in copied.graph.initializer}
+                == {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in original.graph.initializer})
     bls = repo / "diffprompt" / "1"
     assert sorted(p.name for p in bls.iterdir() if p.is_file()) == ["manifest.json", "model.py"]
     assert (bls / "model.py").read_text() == (REPO_ROOT / "model_export" / "triton_model.py").read_text()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import json
+import re
 import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -107,6 +113,69 @@ def test_body_over_the_cap_while_streaming(server):
     assert "streamed" in err["message"]
 
 
+def _post_whole_body_then_read(url: str, body: bytes) -> tuple[int, dict, dict]:
+    """POST with the standard library's urllib, which writes the whole body before it reads a byte of the
+    answer: (status, headers, JSON body). Raises URLError (ConnectionResetError inside) if the socket resets."""
+    request = urllib.request.Request(url + "/v1/ground", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+@pytest.mark.parametrize("size", [11_000_000, 40_000_000], ids=["11MB", "40MB"])
+def test_a_client_that_sends_the_whole_body_first_still_reads_the_413(server, size):
+    """The 413 goes out at once, then the server reads and drops the rest of the body before it closes:
+    closing with unread bytes would reset the connection under a client that is still writing."""
+    status, headers, body = _post_whole_body_then_read(server.url, b"x" * size)
+    assert status == 413 and body["error"]["code"] == "body_too_large", body
+    assert body["error"]["detail"] == {"max_bytes": 1_000_000} and headers["connection"] == "close"
+    assert server.client.get("/livez").status_code == 200
+
+
+def test_a_chunked_body_over_the_cap_is_drained_too(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    chunks = (b"x" * 1_000_000 for _ in range(12))  # no Content-Length: refused once past 1 MB, read to its end
+    connection.request("POST", "/v1/ground", body=chunks, headers={"Content-Type": "application/json"},
+                       encode_chunked=True)
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    connection.close()
+    assert response.status == 413 and body["error"]["code"] == "body_too_large"
+    assert "streamed" in body["error"]["message"]
+
+
+def _memory(pid: int, key: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of a process, in bytes."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) * 1024
+
+
+@pytest.mark.slow
+def test_draining_is_bounded_in_bytes_time_and_memory(start_server):
+    """What is drained is dropped as it comes (the server's memory does not grow with it); a body declared
+    longer than body_drain_bytes is not drained, and a stalled one is given up after body_drain_timeout_s."""
+    srv = start_server(max_body_bytes=1_000_000, body_drain_bytes=48_000_000, body_drain_timeout_s=1)
+    Path(f"/proc/{srv.proc.pid}/clear_refs").write_text("5")  # the peak starts again from what is resident now
+    before = _memory(srv.proc.pid, "VmRSS")
+    status, _, body = _post_whole_body_then_read(srv.url, b"x" * 40_000_000)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    assert _memory(srv.proc.pid, "VmHWM") - before < 16_000_000  # 40 MB went through, a sliver was ever held
+
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # over the drain limit: closed, so reset
+        _post_whole_body_then_read(srv.url, b"x" * 60_000_000)
+
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:  # declares 3 MB, sends 1.5 MB
+        sock.sendall(b"POST /v1/ground HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 3000000\r\n\r\n" + b"x" * 1_500_000)
+        received = b""
+        while chunk := sock.recv(65536):  # the answer, then the end of the stream once the drain gives up
+            received += chunk
+    head, _, payload = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and json.loads(payload)["error"]["code"] == "body_too_large"
+    assert srv.client.get("/livez").status_code == 200
+
+
 def test_wrong_content_type(server):
     assert_error(server.client.post("/v1/ground", content=b"expression=x", headers={"Content-Type": "text/plain"}),
                  415, "unsupported_media_type")
@@ -181,6 +250,45 @@ def test_malformed_multipart(server):
     for content_type in ("multipart/form-data", "multipart/form-data; boundary=abc"):
         r = server.client.post("/v1/ground", content=b"--x\r\ngarbage", headers={"Content-Type": content_type})
         assert_error(r, 400, "bad_request")
+
+
+def _multipart(*parts: tuple[str, bytes, str | None], boundary: bytes = b"b0undary") -> tuple[bytes, dict]:
+    """A hand-made multipart/form-data body of (name, bytes, filename or None) parts, and its headers."""
+    body = b""
+    for name, data, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode() + b"\r\n\r\n" + data + b"\r\n"
+    return body + b"--" + boundary + b"--\r\n", {"Content-Type": "multipart/form-data; boundary=" + boundary.decode()}
+
+
+@pytest.mark.parametrize("field, value", [("expression", b"the r\xe9d circle"), ("expression", b"\xff\xfe"),
+                                          ("top_k", b"\xc3")], ids=["latin-1", "bom-like", "truncated-utf8"])
+def test_form_field_that_is_not_utf8_is_422(server, field, value):
+    """Not decoded as Latin-1 and grounded: refused, naming the field (the JSON body's equivalent is invalid_json)."""
+    fields = {"expression": b"the red circle", field: value}
+    body, headers = _multipart(("image", sample_png(), "a.png"), *((k, v, None) for k, v in fields.items()))
+    err = assert_error(server.client.post("/v1/ground", content=body, headers=headers), 422, "invalid_parameter")
+    assert err["detail"] == [{"loc": ["body", field], "msg": err["detail"][0]["msg"], "type": "string_unicode"}]
+    assert "UTF-8" in err["detail"][0]["msg"]
+
+
+def test_form_fields_in_utf8_and_an_image_part_without_filename_pass(server):
+    body, headers = _multipart(("image", sample_png(), None), ("expression", "der rote Kreis ☆".encode(), None),
+                               ("top_k", b"2", None))
+    r = server.client.post("/v1/ground", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["expression"] == "der rote Kreis ☆" and len(r.json()["boxes"]) == 2
+
+
+def test_multipart_framing_errors_are_400(server):
+    body, headers = _multipart(("image", sample_png(), "a.png"), ("expression", b"the star", None))
+    truncated = body[: -len(b"--b0undary--\r\n")]  # no closing boundary
+    assert_error(server.client.post("/v1/ground", content=truncated, headers=headers), 400, "bad_request")
+    many, headers = _multipart(("image", sample_png(), "a.png"), *((f"f{i}", b"1", None) for i in range(16)))
+    err = assert_error(server.client.post("/v1/ground", content=many, headers=headers), 400, "bad_request")
+    assert "16 parts" in err["message"]
+    nameless = body.replace(b'form-data; name="expression"', b"form-data")
+    assert_error(server.client.post("/v1/ground", content=nameless, headers=headers), 400, "bad_request")
 
 
 def test_client_disconnecting_mid_body_is_counted_not_a_500(server):

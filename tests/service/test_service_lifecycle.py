@@ -31,7 +31,8 @@ def _fire(srv: ServerProcess, n: int) -> tuple[list[threading.Thread], list]:
 
 
 def test_not_ready_until_loaded_and_warmed_up(start_server):
-    """/readyz is 503 `not_ready` while the (large) warm-up runs, /livez 200 throughout, then ready."""
+    """/readyz is 503 `not_ready` while the (large) warm-up runs, /livez 200 throughout, then ready.
+    The probe's 503s are answers, not errors: only the refused ground request is in errors_total."""
     srv = start_server(wait=False, warmup_batch_sizes=[1, 512], max_batch_size=8)
     wait_until(lambda: _status(srv, "/livez") is not None, what="the server to listen")
     first = srv.client.get("/readyz")
@@ -42,6 +43,7 @@ def test_not_ready_until_loaded_and_warmed_up(start_server):
     assert early_ground.headers["retry-after"] == "1"
     assert srv.client.get("/livez").status_code == 200
     assert srv.ground(sample_png()).status_code == 200
+    assert metric(srv.metrics(), "diffprompt_errors_total", reason="not_ready") == 1  # early_ground, not `first`
 
 
 def _status(srv: ServerProcess, path: str) -> int | None:
@@ -75,6 +77,7 @@ def test_sigterm_drain_flips_readiness_but_keeps_serving(start_server):
     srv.signal(signal.SIGTERM)
     wait_until(lambda: _status(srv, "/readyz") == 503, what="readiness to flip")
     assert_error(srv.client.get("/readyz"), 503, "shutting_down")
+    assert metric(srv.metrics(), "diffprompt_errors_total", reason="shutting_down") == 0  # a probe answer
     assert srv.client.get("/livez").status_code == 200
     during = srv.ground(sample_png())  # load balancers may still send a few: they are served
     assert during.status_code == 200, during.text
@@ -105,3 +108,17 @@ def test_altered_artifact_fails_start_up(start_server, tiny_artifact, tmp_path):
     srv = start_server(artifact=damaged, wait=False)
     assert srv.wait_exit() == 3
     assert "denoiser.onnx: sha256 differs" in srv.log()
+
+
+def test_a_failed_engine_is_counted_from_the_probes(start_server, tiny_artifact, tmp_path):
+    """Loading fails (a graph of the right size but garbage, hashes not checked): both probes answer 503
+    engine_failed, and unlike not_ready it counts in errors_total, as the DiffPromptEngineFailed alert needs."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifact, broken)
+    graph = broken / "grounding.onnx"
+    graph.write_bytes(bytes(graph.stat().st_size))
+    srv = start_server(artifact=broken, wait=False, check_hashes=False)
+    wait_until(lambda: _status(srv, "/livez") == 503, what="the engine to fail")
+    assert_error(srv.client.get("/readyz"), 503, "engine_failed")
+    assert metric(srv.metrics(), "diffprompt_errors_total", reason="engine_failed") == 2
+    assert metric(srv.metrics(), "diffprompt_errors_total", reason="not_ready") == 0

@@ -41,6 +41,23 @@ def test_metrics_move_by_the_right_amounts(server):
     assert metric(after, "diffprompt_queue_depth") == 0
 
 
+def test_every_route_is_labelled_by_its_template(server):
+    """Static files, the docs' assets, /openapi.json and /favicon.ico under their routes; only 404s are "unmatched"."""
+    before = server.metrics()
+    requests = {"/static/samples/squares.png": ("/static/{path}", "200"),
+                "/static/samples/nothing.png": ("/static/{path}", "404"),
+                "/static-offline-docs/swagger-ui.css": ("/static-offline-docs/{path}", "200"),
+                "/openapi.json": ("/openapi.json", "200"), "/docs": ("/docs", "200"),
+                "/favicon.ico": ("/favicon.ico", "200"), "/": ("/", "200"), "/no/such/page": ("unmatched", "404")}
+    for path, (_, status) in requests.items():
+        assert server.client.get(path).status_code == int(status), path
+    after = server.metrics()
+    for path, (route, status) in requests.items():
+        labels = {"route": route, "method": "GET", "status": status}
+        assert metric(after, "diffprompt_request_duration_seconds_count", **labels) - \
+            metric(before, "diffprompt_request_duration_seconds_count", **labels) == 1, (path, labels)
+
+
 def test_request_histogram_buckets_span_1ms_to_10s(server):
     server.ground(sample_png())
     les = {dict(labels)["le"] for (name, labels) in server.metrics()

@@ -35,7 +35,7 @@ def test_heldout_single_target_category_r_at_1(foundation, tmp_path):
 
 
 def test_independent_renderer_data_loads_and_evaluates(foundation, tmp_path):
-    """Data from a separately written renderer of DESIGN section 4 goes through loader + model."""
+    """Data from a separately written renderer of the synthetic world (docs/design.md) goes through loader + model."""
     from tests.independent_world.render import write_dataset
 
     json_path = write_dataset(tmp_path, n_images=40, seed=123)

@@ -1,4 +1,4 @@
-"""The synthetic world follows DESIGN.md section 4 and its expressions mean what they say."""
+"""The synthetic world follows its spec (docs/design.md, "The synthetic world"); its expressions mean what they say."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OWL-ViT-style open-vocabulary grounding model with deep prompts (DESIGN.md section 3).
+"""OWL-ViT-style open-vocabulary grounding model with deep prompts (docs/design.md, "The foundation grounding model").
 
 Architecture (Minderer et al., "Simple Open-Vocabulary Object Detection", and OWLv2):
 

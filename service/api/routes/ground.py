@@ -12,7 +12,7 @@ from diffprompt.service.schemas import ErrorResponse, GroundForm, GroundRequest,
 router = APIRouter(prefix="/v1", tags=["grounding"], dependencies=[Depends(require_api_key)])
 
 _ERRORS = {
-    400: "not_an_image, image_corrupt, invalid_json, invalid_base64",
+    400: "not_an_image, image_corrupt, invalid_json, invalid_base64, bad_request (malformed multipart)",
     401: "unauthorized (an api_key is configured)",
     413: "body_too_large, image_too_large, decompression_bomb",
     415: "unsupported_image_format, unsupported_media_type",

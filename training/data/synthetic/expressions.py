@@ -1,4 +1,4 @@
-"""Generating expressions for a scene (DESIGN.md section 4).
+"""Generating expressions for a scene (docs/design.md, "The synthetic world", "Expressions").
 
 Each generator reasons directly on the scene (counting attribute matches, sorting positions)
 and returns `(expression, target_indices)` pairs. It does not call the semantic evaluator in

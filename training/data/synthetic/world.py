@@ -1,4 +1,4 @@
-"""Scenes of the synthetic world: sampling and rendering (DESIGN.md section 4).
+"""Scenes of the synthetic world: sampling and rendering (docs/design.md, "The synthetic world").
 
 A scene is 3-6 coloured shapes on a noisy gray 128x128 canvas. Everything is drawn from a
 `numpy.random.Generator`, so a scene is a pure function of its seed.
@@ -60,7 +60,7 @@ class Scene:
 def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
     """Vertices of a polygonal shape with outer radius `radius` (px), y pointing down.
 
-    "Outer diameter" (DESIGN section 4) is read as the diameter of the circle through the
+    "Outer diameter" (docs/design.md, "The synthetic world") is the diameter of the circle through the
     outermost points, for every shape: a square of outer diameter d has side d / sqrt(2),
     exactly the diamond's, as "diamond = square rotated by 45 degrees" requires.
     """
