@@ -20,13 +20,13 @@
 # PROMETHEUS_IMAGE (default diffprompt-prometheus:local).
 #
 # It removes nothing it did not create: temporary folders of its own, dangling images carrying its build label,
-# and the dockerd it started. Logs: build/local-engine/ (the daemon's: /var/log/diffprompt-dockerd.log).
+# and the dockerd it started. Logs: logs/local-engine/ (the daemon's: /var/log/diffprompt-dockerd.log).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=/run/diffprompt-engine            # machine-wide: one engine per machine, whichever checkout started it
 DOCKERD_LOG=/var/log/diffprompt-dockerd.log
-LOGS="$REPO/build/local-engine"
+LOGS="$REPO/logs/local-engine"
 PYTHON=${PYTHON:-python3}
 BUILD_LABEL=io.diffprompt.local-engine=1
 SERVING_IMAGE=${SERVING_IMAGE:-diffprompt:cpu}
