@@ -128,19 +128,21 @@ host_mirror() {  # $1 = suite (bookworm, bookworm-security): the first mirror ap
 }
 
 # Everything this function does is part of the base image's hash (declare -f prints it), with the variables it reads.
+# It runs as an `if` condition, where `set -e` does not apply: every step that can fail returns.
 build_base_rootfs() {  # $1 = empty directory
     local rootfs=$1
-    debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$rootfs" "$DEBIAN_MIRROR"
+    debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$rootfs" "$DEBIAN_MIRROR" || return
+    [[ -x "$rootfs/usr/bin/python3" ]] || { echo "no python3 in the debootstrapped tree" >&2; return 1; }
     printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s %s-security main\n' \
         "$DEBIAN_MIRROR" "$BASE_SUITE" "$DEBIAN_MIRROR" "$BASE_SUITE" "$DEBIAN_SECURITY_MIRROR" "$BASE_SUITE" \
-        >"$rootfs/etc/apt/sources.list"
+        >"$rootfs/etc/apt/sources.list" || return
     # Slim, like Debian's -slim images: no manuals, documentation (but the copyright files) or translations,
     # now or in later `apt-get install`s; no package lists or downloaded packages.
     printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
         'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
-        >"$rootfs/etc/dpkg/dpkg.cfg.d/docker-slim"
-    find "$rootfs/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
-    find "$rootfs/usr/share/doc" -mindepth 1 -type d -empty -delete
+        >"$rootfs/etc/dpkg/dpkg.cfg.d/docker-slim" || return
+    find "$rootfs/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete || return
+    find "$rootfs/usr/share/doc" -mindepth 1 -type d -empty -delete || return
     rm -rf "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/* \
         "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/* \
         "$rootfs"/var/log/*.log "$rootfs"/var/log/apt/*
@@ -188,6 +190,7 @@ torch_wheels_image() {
     local dir pyver libc platforms=() minor hash
     read -r pyver libc < <("$DOCKER" run --rm --network none "$BASE_IMAGE" \
         python3 -c 'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.libc_ver()[1])')
+    [[ "$pyver" =~ ^3\.[0-9]+$ && "$libc" =~ ^2\.[0-9]+$ ]] || die "cannot read Python and glibc versions from $BASE_IMAGE"
     for minor in $(seq 17 "${libc#2.}"); do platforms+=(--platform "manylinux_2_${minor}_$(uname -m)"); done
     dir=$(mktemp -d /var/tmp/diffprompt-wheels.XXXXXX)
     TEMP_DIRS+=("$dir")
