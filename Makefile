@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (see README.md):
-#   make test    set up the virtualenv and run the test suite (what CI runs)
+#   make test    set up the virtualenv and run the test suite; `make test IMAGE_TESTS=1` (what CI runs) also
+#                starts a Docker engine, builds the images (deploy/local-engine.sh) and runs the tests marked `image`
 #   make serve   set up, export the served artifact if missing, serve it on 127.0.0.1:8000
 #
 # Other targets: make setup | lint | data | pretrain | evaluate | clean
@@ -18,6 +19,9 @@ ARTIFACT     ?= $(ARTIFACTS)/$(notdir $(PIPELINE))-$(SERVE_STEPS)steps
 HOST         ?= 127.0.0.1
 PORT         ?= 8000
 
+# `make test IMAGE_TESTS=1`: also build the images and run them on a real Docker engine (tests marked `image`).
+IMAGE_TESTS  ?= 0
+
 .PHONY: setup system-tools test lint data pretrain evaluate serve clean
 
 setup: $(VENV)/.installed
@@ -26,16 +30,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[train,serve,dev]'
+	$(PY) -m pip install --quiet -e '.[train,serve,cpu,dev]'
 	touch $@
 
-# Debian tools the tests drive for real (prometheus, promtool, chromium, docker-compose):
-# installed when missing and root, otherwise the tests that need them skip with the reason.
+# Debian tools the tests drive for real (prometheus, promtool, chromium, docker-compose; with IMAGE_TESTS=1
+# also docker.io and debootstrap): installed when missing and root, otherwise the tests that need them skip
+# with the reason (the image tests fail instead: IMAGE_TESTS=1 asks for them).
 system-tools:
-	@bash scripts/ensure_system_tools.sh
+	@bash scripts/ensure_system_tools.sh $(if $(filter 1,$(IMAGE_TESTS)),--image)
 
+ifeq ($(IMAGE_TESTS),1)
 test: setup system-tools
-	$(PY) -m pytest -q
+	PYTHON=$(PY) bash deploy/local-engine.sh run $(PY) -m pytest -q --image-tests
+else
+test: setup system-tools
+	$(PY) -m pytest -q -m "not image"
+endif
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Install the Debian tools the test suite drives for real (Prometheus + promtool, headless
-# Chromium, docker-compose) when they are missing. Needs root (CI runs as root); otherwise it
-# only reports what is missing, and the tests that need a tool skip with that reason.
+# Install the Debian tools the test suite drives for real (Prometheus + promtool, headless Chromium,
+# docker-compose; with --image also Docker's engine and debootstrap, for `make test IMAGE_TESTS=1`) when
+# they are missing. Needs root (CI runs as root); otherwise it only reports what is missing, and the tests
+# that need a tool skip with that reason (the image tests fail instead: deploy/local-engine.sh says why).
 set -euo pipefail
 
 declare -A PACKAGE_OF=( [prometheus]=prometheus [promtool]=prometheus [chromium]=chromium [docker-compose]=docker-compose )
+if [ "${1:-}" = "--image" ]; then
+    # docker.io: dockerd + containerd + runc, and a client with BuildKit built in (Docker 20.10).
+    PACKAGE_OF+=( [dockerd]=docker.io [debootstrap]=debootstrap )
+fi
 missing=()
 for tool in "${!PACKAGE_OF[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$tool]}")
+    command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 \
+        || missing+=("${PACKAGE_OF[$tool]}")
 done
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -13,6 +13,25 @@ REPO = Path(__file__).resolve().parents[1]
 FOUNDATION_DIR = REPO / "checkpoints" / "foundation"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--image-tests", action="store_true",
+                     help="the tests marked `image` must run: fail instead of skipping when no images are named "
+                          "(bash deploy/local-engine.sh run provides them; make test IMAGE_TESTS=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `image` need the images deploy/local-engine.sh built (DEPLOY_SERVING_IMAGE names them)."""
+    image_tests = [item for item in items if "image" in item.keywords]
+    if not image_tests or os.environ.get("DEPLOY_SERVING_IMAGE"):
+        return
+    if config.getoption("--image-tests"):
+        raise pytest.UsageError("--image-tests: DEPLOY_SERVING_IMAGE is not set; run the tests through "
+                                "`bash deploy/local-engine.sh run ...` (make test IMAGE_TESTS=1 does)")
+    skip = pytest.mark.skip(reason="builds and runs the Docker images: make test IMAGE_TESTS=1")
+    for item in image_tests:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:
     """A few images of each synthetic split in MDETR format."""

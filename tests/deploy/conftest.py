@@ -1,4 +1,5 @@
-"""Deploy fixtures: a tiny exported artifact and a real server on it (the service tests' testkit)."""
+"""Deploy fixtures: a tiny exported artifact and a real server on it (the service tests' testkit), and the
+report of the image tests (size, start time) at the end of the run."""
 
 from __future__ import annotations
 
@@ -31,3 +32,12 @@ def live_server(deploy_artifact, tmp_path_factory):
                         max_wait_ms=5).start().wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log()
+
+
+def pytest_terminal_summary(terminalreporter):
+    from image_testkit import REPORT
+
+    if REPORT:
+        terminalreporter.section("deploy images (tests marked `image`)")
+        for key, value in REPORT.items():
+            terminalreporter.write_line(f"{key}: {value}")

@@ -147,6 +147,21 @@ def copy_parts(ins: Instruction) -> tuple[dict[str, str], list[str], str]:
     return flags, tokens[:-1], tokens[-1]
 
 
+def run_parts(ins: Instruction) -> tuple[list[dict[str, str]], str]:
+    """RUN -> (its --mount flags as dicts, e.g. {"type": "secret", "id": "pip-conf"}, the command)."""
+    assert ins.cmd == "RUN", ins
+    rest, mounts = ins.args, []
+    while m := re.match(r"--(\w+)=(\S+)\s+", rest):
+        if m.group(1) == "mount":
+            mount = dict(part.partition("=")[::2] for part in m.group(2).split(","))
+            mount.setdefault("type", "bind")
+            if mount["type"] == "secret":
+                mount.setdefault("target", f"/run/secrets/{mount['id']}")
+            mounts.append(mount)
+        rest = rest[m.end():]
+    return mounts, rest
+
+
 # -- .dockerignore ----------------------------------------------------------------------------------
 
 def _glob_regex(pattern: str) -> re.Pattern:

