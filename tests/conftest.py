@@ -99,3 +99,29 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
 def tiny_pooled_pipeline_dir(tmp_path_factory) -> Path:
     """The same with the paper's pooled conditioning (no condition tokens, no pointer head)."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pooled_pipeline"), conditioning="pooled")
+
+
+@pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once per session (no network: --no-build-isolation).
+
+    Built from a copy of the checkout's files (tracked and new, not ignored ones): setuptools keeps a
+    build/ directory in the source tree, whose stale files would otherwise end up in the wheel.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(out)], capture_output=True, text=True, cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = out.glob("diffprompt-*.whl")
+    return wheel

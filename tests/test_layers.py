@@ -27,23 +27,9 @@ SETUPTOOLS = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
 
 
 @pytest.fixture(scope="module")
-def unpacked_wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    # Build from a copy of the checkout's files (tracked and new, not ignored ones): setuptools keeps a
-    # build/ directory in the source tree, whose stale files would otherwise end up in the wheel.
-    src = out / "src"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(out)], capture_output=True, text=True, cwd=out)
-    assert proc.returncode == 0, proc.stderr
-    (wheel,) = out.glob("diffprompt-*.whl")
-    site = out / "site-packages"
-    with zipfile.ZipFile(wheel) as z:
+def unpacked_wheel(project_wheel, tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("installed") / "site-packages"
+    with zipfile.ZipFile(project_wheel) as z:
         z.extractall(site)
     return site
 

@@ -5,9 +5,6 @@ of them holds a training dependency. The Dockerfile, the compose files and the M
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -46,19 +43,8 @@ def test_no_training_dependency_is_served(extra):
     assert not names(PYPROJECT["dependencies"]) & train
 
 
-def test_the_built_wheel_carries_the_extras(tmp_path):
-    # From a copy of the checkout's files, as tests/test_layers.py does (setuptools keeps a build/ in the source).
-    src = tmp_path / "src"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    (wheel,) = tmp_path.glob("diffprompt-*.whl")
+def test_the_built_wheel_carries_the_extras(project_wheel):
+    wheel = project_wheel
     with zipfile.ZipFile(wheel) as z:
         metadata = next(z.read(n).decode() for n in z.namelist() if n.endswith(".dist-info/METADATA"))
     provided = set(re.findall(r"^Provides-Extra: (\S+)$", metadata, re.M))
