@@ -7,7 +7,7 @@
 #   bash deploy/local-engine.sh build        start, then build, each step cached: the Debian base image (once per
 #                                            hash of its inputs), the torch wheel image, the CPU serving image
 #                                            (../Dockerfile), the Prometheus image (prometheus/Dockerfile);
-#                                            prints the DEPLOY_* variables naming them
+#                                            prints the DEPLOY_* variables naming them (image IDs and tags)
 #   bash deploy/local-engine.sh run CMD...   build, run CMD with those DEPLOY_* variables, then stop the engine if
 #                                            this run started it and no other run is using it; exits with CMD's code
 #   bash deploy/local-engine.sh stop         stop the engine if this script started it (never another one)
@@ -211,16 +211,20 @@ torch_wheels_image() {
 
 # -- the images --------------------------------------------------------------------------------------------
 
+# BUILT_ID: the image ID this build produced. The tests get IDs, not tags: another checkout's run on the same
+# engine may retag diffprompt:cpu meanwhile, and must not change what this run tests.
 docker_build() {  # $1 = log name, then docker build arguments
     local name=$1 t0=$SECONDS
     shift
     say "docker build $name (log: $LOGS/$name.log)"
-    if ! "$DOCKER" build --progress plain --network host --label "$BUILD_LABEL" "$@" >"$LOGS/$name.log" 2>&1; then
+    if ! "$DOCKER" build --progress plain --network host --label "$BUILD_LABEL" --iidfile "$LOGS/$name.iid" "$@" \
+            >"$LOGS/$name.log" 2>&1; then
         tail -n 60 "$LOGS/$name.log" >&2
         die "docker build $name failed (last lines above; whole log: $LOGS/$name.log)"
     fi
     BUILD_SECONDS=$((SECONDS - t0))
-    say "docker build $name: $BUILD_SECONDS s"
+    BUILT_ID=$(cat "$LOGS/$name.iid")
+    say "docker build $name: $BUILD_SECONDS s, ${BUILT_ID:7:12}"
 }
 
 build_images() {
@@ -236,11 +240,13 @@ build_images() {
         --build-arg "WHEELS_IMAGE=$WHEELS_IMAGE" --build-arg "TORCH_VERSION=$TORCH_VERSION" \
         --build-arg "TORCH_INDEX_URL=" --build-arg "EXTRAS=serve,cpu" \
         -t "$SERVING_IMAGE" -f "$REPO/Dockerfile" "$REPO"
-    SERVING_BUILD_SECONDS=$BUILD_SECONDS
+    SERVING_BUILD_SECONDS=$BUILD_SECONDS SERVING_ID=$BUILT_ID
     docker_build prometheus "${secret_args[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
         -t "$PROMETHEUS_IMAGE" "$REPO/deploy/prometheus"
-    # Earlier builds of these tags, now untagged: only images carrying this script's label.
-    "$DOCKER" image prune --force --filter "label=$BUILD_LABEL" >/dev/null
+    PROMETHEUS_ID=$BUILT_ID
+    # Earlier builds of these tags, now untagged: only images carrying this script's label, and only after a
+    # day (a concurrent run may still be testing the one it built).
+    "$DOCKER" image prune --force --filter "label=$BUILD_LABEL" --filter "until=24h" >/dev/null
 }
 
 build() {
@@ -252,8 +258,10 @@ build() {
     build_images
     DEPLOY_VARS=(
         "DEPLOY_DOCKER=$DOCKER"
-        "DEPLOY_SERVING_IMAGE=$SERVING_IMAGE"
-        "DEPLOY_PROMETHEUS_IMAGE=$PROMETHEUS_IMAGE"
+        "DEPLOY_SERVING_IMAGE=$SERVING_ID"
+        "DEPLOY_SERVING_TAG=$SERVING_IMAGE"
+        "DEPLOY_PROMETHEUS_IMAGE=$PROMETHEUS_ID"
+        "DEPLOY_PROMETHEUS_TAG=$PROMETHEUS_IMAGE"
         "DEPLOY_BASE_IMAGE=$BASE_IMAGE"
         "DEPLOY_SERVING_BUILD_SECONDS=$SERVING_BUILD_SECONDS"
     )

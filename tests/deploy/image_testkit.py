@@ -17,7 +17,9 @@ from pathlib import Path
 import httpx
 
 DOCKER = os.environ.get("DEPLOY_DOCKER", "docker")
+# Image IDs (sha256:...) of what this run built, so a concurrent run retagging diffprompt:cpu changes nothing here.
 SERVING_IMAGE = os.environ.get("DEPLOY_SERVING_IMAGE", "")
+SERVING_TAG = os.environ.get("DEPLOY_SERVING_TAG", SERVING_IMAGE)
 PROMETHEUS_IMAGE = os.environ.get("DEPLOY_PROMETHEUS_IMAGE", "")
 
 # What the image tests measured, printed at the end of the run (tests/deploy/conftest.py).

@@ -22,6 +22,7 @@ from image_testkit import (
     PROMETHEUS_IMAGE,
     REPORT,
     SERVING_IMAGE,
+    SERVING_TAG,
     Container,
     Network,
     compose,
@@ -66,7 +67,7 @@ def assert_boxes(response: httpx.Response) -> list:
 
 def test_the_image_is_small_and_was_built_here():
     size_mb = image_size_bytes(SERVING_IMAGE) / 1e6
-    REPORT["serving image size"] = f"{size_mb:.0f} MB ({SERVING_IMAGE})"
+    REPORT["serving image size"] = f"{size_mb:.0f} MB ({SERVING_TAG}, {SERVING_IMAGE[:19]})"
     layers = json.loads(docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", SERVING_IMAGE).stdout)
     REPORT["serving image layers"] = str(len(layers))
     assert size_mb < SIZE_BUDGET_MB, f"{size_mb:.0f} MB: something heavy (torch?) got into the runtime image"
