@@ -8,7 +8,9 @@ Each directory is one deployable model with one fixed DDIM step count: the four 
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
 their weights stored once in `weights.bin` (model_export/shared_weights.py: the foundation runs
 in two graphs but is stored once), `tokenizer.json`, and `manifest.json`
-(diffprompt/core/manifest.py says what is in it).
+(diffprompt/core/manifest.py says what is in it). A no-match calibration fitted for the step count
+(`no_match-{steps}steps.json` in the pipeline directory, written by `diffprompt calibrate`) is
+copied into the manifest (`no_match`).
 Every graph is checked with `onnx.checker` and run once in onnxruntime against PyTorch before
 the manifest is written; the directory appears atomically (written to a staging sibling,
 then swapped in: diffprompt.core.files).
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffprompt.cli import positive_int
 from diffprompt.core.ddim import steps_from_table
 from diffprompt.core.files import replace_directory, staging_dir
 from diffprompt.core.image_spec import ImageSpec
@@ -39,6 +42,7 @@ from diffprompt.core.manifest import (
     TokenizerInfo,
     file_entry,
 )
+from diffprompt.core.no_match import NoMatchCalibration, calibration_file, read_calibration
 from diffprompt.core.tokenizer import TOKENIZER_FILE
 from diffprompt.model_export.graphs import (
     ConditionEncoder,
@@ -48,7 +52,8 @@ from diffprompt.model_export.graphs import (
     export_onnx,
 )
 from diffprompt.model_export.shared_weights import share_weights
-from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, weights_fingerprint
+from diffprompt.training.models.grounding import CheckpointError
 from diffprompt.training.models.prompt_sampler import kept_outputs
 
 
@@ -104,11 +109,11 @@ def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
 
 
 def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
-                    tokenizer_file: Path, progress: bool = True) -> Path:
-    """Write one artifact directory; returns its path."""
+                    tokenizer_file: Path, progress: bool = True, no_match: NoMatchCalibration | None = None) -> Path:
+    """Write one artifact directory; returns its path. `no_match` goes into the manifest as it is."""
     tmp = staging_dir(out)
     try:
-        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress)
+        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress, no_match)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -116,7 +121,7 @@ def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, 
 
 
 def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str, tokenizer_file: Path,
-                    progress: bool) -> None:
+                    progress: bool, no_match: NoMatchCalibration | None = None) -> None:
     """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
     foundation, learner = pipeline.foundation.eval(), pipeline.learner
     pixels, ids, mask = example_inputs(pipeline)
@@ -191,7 +196,7 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         tokenizer=TokenizerInfo(TOKENIZER_FILE, cfg.max_text_length),
         ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
-        export_max_abs_diff=diffs,
+        export_max_abs_diff=diffs, no_match=no_match,
     )
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))
 
@@ -207,17 +212,24 @@ def main(args: argparse.Namespace) -> int:
         pipeline = DiffPromptPipeline.foundation_only(src)
         tokenizer_file = src / TOKENIZER_FILE
     else:
-        raise SystemExit(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation (tokenizer.json)")
+        raise CheckpointError(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation "
+                              f"({TOKENIZER_FILE})" + ("" if src.is_dir() else ": no such directory"))
     name = args.name or src.name
     out_root = Path(args.out)
     diffprompt = pipeline.learner is not None and pipeline.learner.needs_masks
     for steps in (args.steps if diffprompt else [None]):
         out = out_root / (f"{name}-{steps}steps" if steps else name)
-        export_pipeline(pipeline, out, steps, name, tokenizer_file, progress=args.progress)
+        no_match = read_calibration(src, steps)
+        if no_match is not None and no_match.fingerprint != weights_fingerprint(src):
+            raise CheckpointError(f"{src / calibration_file(steps)}: fitted on other weights than {src} holds now; "
+                                  f"refit it: diffprompt calibrate --checkpoint {src}"
+                                  + (f" --ddim-steps {steps}" if steps else "") + " --overwrite")
+        export_pipeline(pipeline, out, steps, name, tokenizer_file, progress=args.progress, no_match=no_match)
         manifest = json.loads((out / MANIFEST_FILE).read_text())
         worst = max(manifest["export_max_abs_diff"].values())
         print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "
-              f"max |onnxruntime - torch| {worst:.2e})")
+              f"max |onnxruntime - torch| {worst:.2e}; no-match calibration: "
+              f"{calibration_file(steps) if no_match else 'none, fit one with `diffprompt calibrate`'})")
         if args.triton:
             from diffprompt.model_export.triton import write_triton_repository
 
@@ -231,13 +243,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", default="checkpoints/diffprompt",
                    help="a train-prompts pipeline directory, or a foundation directory")
-    p.add_argument("--steps", type=int, nargs="+", default=[25, 5], help="one artifact per DDIM step count")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[25, 5], help="one artifact per DDIM step count")
     p.add_argument("--out", default="artifacts")
     p.add_argument("--name", default=None, help="artifact name (default: the pipeline directory's name)")
     p.add_argument("--triton", default=None, metavar="REPO",
                    help="also write a Triton model repository per artifact under REPO (deploy/triton/README.md)")
     p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from diffprompt.cli import positive_int
 from diffprompt.core.image_spec import ImageSpec
 from diffprompt.core.tokenizer import QueryTokenizer
 from diffprompt.training.data.grounding_dataset import ImageQueriesDataset, detection_collate
@@ -224,7 +225,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--val-limit", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads per process")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                    help="autocast dtype of the forward pass (weights and optimizer stay fp32)")

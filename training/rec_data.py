@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffprompt.cli import positive_int
 from diffprompt.training.utils.distributed import DistInfo, barrier
 
 
@@ -17,7 +18,7 @@ def add_rec_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads per process")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 

@@ -14,6 +14,7 @@ are pipelines without VAE and DiT.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -24,8 +25,16 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from diffprompt.core.manifest import sha256_file
 from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
-from diffprompt.training.models.grounding import GroundingModel, GroundingOutput, load_grounding_model
+from diffprompt.training.models.grounding import (
+    CheckpointError,
+    GroundingModel,
+    GroundingOutput,
+    load_component,
+    load_grounding_model,
+    read_checkpoint_json,
+)
 from diffprompt.training.models.mask_vae import decode_latents, load_mask_vae
 from diffprompt.training.models.prompt_dit import PromptDiT
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
@@ -50,11 +59,10 @@ def foundation_conditions(
     return cond
 
 
-def load_dit(directory: str | Path) -> tuple[PromptDiT, object]:
-    """(DiT with its EMA weights, its DDIMScheduler) from a stage-2 checkpoint."""
-    directory = Path(directory)
-    dit = PromptDiT.from_pretrained(directory, low_cpu_mem_usage=False).eval()
-    scheduler_cfg = json.loads((directory / SCHEDULER_FILE).read_text())
+def load_dit(directory: str | Path | None) -> tuple[PromptDiT, object]:
+    """(DiT with its EMA weights, its DDIMScheduler) from a stage-2 checkpoint; CheckpointError if broken."""
+    dit = load_component(PromptDiT, directory, "prompt DiT").eval()
+    scheduler_cfg = read_checkpoint_json(Path(directory) / SCHEDULER_FILE, "the DiT's noise schedule")
     return dit, make_scheduler(scheduler_cfg)
 
 
@@ -71,16 +79,18 @@ class DiffPromptPipeline:
     @classmethod
     def from_pretrained(cls, directory: str | Path, steps: int = 25) -> DiffPromptPipeline:
         directory = Path(directory)
-        spec = json.loads((directory / PIPELINE_FILE).read_text())
-        resolve = lambda key: (directory / spec[key]).resolve() if spec.get(key) else None
+        spec = read_checkpoint_json(directory / PIPELINE_FILE, "a train-prompts pipeline directory")
+        resolve = lambda key: (directory / spec[key]).resolve() if isinstance(spec.get(key), str) else None
         foundation_dir = resolve("foundation")
+        if foundation_dir is None:
+            raise CheckpointError(f"{directory / PIPELINE_FILE}: names no foundation directory")
         foundation = load_grounding_model(foundation_dir).eval()
         tokenizer = QueryTokenizer.from_file(foundation_dir / TOKENIZER_FILE, foundation.config.max_text_length)
-        learner = PromptLearner.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+        learner = load_component(PromptLearner, directory, "prompt learner").eval()
         if learner.needs_masks and "mask_input" in learner.config.get("_use_default_values", []):
-            raise ValueError(f"{directory / 'config.json'} has no 'mask_input': it was saved before the adapters "
-                             "standardised their masks and reads tanh of the mask logits; add "
-                             '"mask_input": "tanh" to that file to load it with the input it was trained with')
+            raise CheckpointError(f"{directory / 'config.json'} has no 'mask_input': it was saved before the "
+                                  "adapters standardised their masks and reads tanh of the mask logits; add "
+                                  '"mask_input": "tanh" to that file to load it with the input it was trained with')
         vae = dit = scheduler = None
         if learner.needs_masks:
             vae = load_mask_vae(resolve("mask_vae"))
@@ -124,6 +134,21 @@ class DiffPromptPipeline:
         if self.learner is not None and self.learner.needs_masks:
             masks = self.generate_masks(pixels, ids, mask, seeds)
         return prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks), masks
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """16 hex of a sha256 over the weights and configs of a pipeline directory and of the components its
+    pipeline.json names (or of a foundation directory): what a no-match calibration fitted on it belongs to."""
+    directory = Path(directory)
+    folders = [directory]
+    if (directory / PIPELINE_FILE).exists():
+        spec = read_checkpoint_json(directory / PIPELINE_FILE, "a train-prompts pipeline directory")
+        folders += [(directory / v).resolve() for _, v in sorted(spec.items()) if isinstance(v, str)]
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*config.json"), *folder.glob("*.bin")]):
+            digest.update(f"{path.name}:{sha256_file(path)};".encode())
+    return digest.hexdigest()[:16]
 
 
 def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None, prompt_dit: Path | None,

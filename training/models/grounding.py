@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffprompt.core.errors import UserError
+from diffprompt.core.errors import UserError, read_json_object
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -524,6 +524,27 @@ class CheckpointError(UserError):
     """A checkpoint directory is missing files or does not match the architecture."""
 
 
+def read_checkpoint_json(path: Path, what: str) -> dict:
+    """A JSON object from a checkpoint file; CheckpointError naming the file if it is missing or broken."""
+    return read_json_object(path, CheckpointError, what)
+
+
+def load_component(cls, directory: str | Path | None, what: str):
+    """`cls.from_pretrained(directory)` (a diffusers model); CheckpointError naming the directory on failure.
+
+    The directory is checked first: given a path that does not exist, diffusers would try the Hub.
+    """
+    if directory is None:
+        raise CheckpointError(f"no {what} directory given (pipeline.json names none)")
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: not a {what} checkpoint (no config.json)")
+    try:
+        return cls.from_pretrained(directory, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:  # diffusers: missing / unreadable weights, config mismatches
+        raise CheckpointError(f"{directory}: cannot load the {what} ({e})") from e
+
+
 def _hf_config(d: dict[str, Any]) -> GroundingConfig:
     """GroundingConfig from a transformers OwlViTConfig / Owlv2Config dict."""
     v, t = d.get("vision_config", {}), d.get("text_config", {})
@@ -564,7 +585,10 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{st}: not a readable safetensors file ({e})") from e
     legacy = directory / "pytorch_model.bin"
     if legacy.exists():
-        return torch.load(legacy, map_location="cpu", weights_only=True)  # never unpickle code
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)  # never unpickle code
+        except Exception as e:  # pickle / zip errors of many types
+            raise CheckpointError(f"{legacy}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
     raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or pytorch_model.bin) found")
 
 
@@ -572,19 +596,28 @@ def load_grounding_model(directory: str | Path) -> GroundingModel:
     """Load our own checkpoint or a Hugging Face OWL-ViT / OWLv2 detection checkpoint from a directory."""
     directory = Path(directory)
     cfg_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such directory (a checkpoint directory holds {CONFIG_NAME} + "
+                              f"{WEIGHTS_NAME})")
     if not cfg_path.exists():
         raise CheckpointError(f"{cfg_path}: missing (a checkpoint directory holds config.json + {WEIGHTS_NAME})")
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-    model_type = raw.get("model_type")
-    if model_type == MODEL_TYPE:
-        config = GroundingConfig.from_dict(raw)
-    elif model_type in ("owlvit", "owlv2"):
-        config = _hf_config(raw)
-    else:
-        raise CheckpointError(f"{cfg_path}: unknown model_type {model_type!r} (expected {MODEL_TYPE}, owlvit or owlv2)")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    try:
+        if model_type == MODEL_TYPE:
+            config = GroundingConfig.from_dict(raw)
+        elif model_type in ("owlvit", "owlv2"):
+            config = _hf_config(raw)
+        else:
+            raise CheckpointError(f"{cfg_path}: unknown model_type {model_type!r} "
+                                  f"(expected {MODEL_TYPE}, owlvit or owlv2)")
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{cfg_path}: malformed config ({type(e).__name__}: {e})") from e
     state = _read_state_dict(directory)
     prefix = f"{model_type}."
     state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
+from diffprompt.training.models.grounding import load_component
+
 MASK_VAE_PRESETS = {
     "baby": dict(block_out_channels=(8, 8), norm_num_groups=4, sample_size=16),  # tests
     "embedded": dict(block_out_channels=(16, 32, 32), norm_num_groups=8, sample_size=32),
@@ -60,5 +62,5 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def load_mask_vae(directory) -> AutoencoderKL:
-    """A trained Mask-VAE (config.json + safetensors), in eval mode."""
-    return AutoencoderKL.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+    """A trained Mask-VAE (config.json + safetensors), in eval mode; CheckpointError if missing or broken."""
+    return load_component(AutoencoderKL, directory, "Mask-VAE").eval()
