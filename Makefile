@@ -62,9 +62,10 @@ evaluate: setup
 
 # The export step needs torch (the train extra); the server itself never imports it.
 serve: setup $(ARTIFACT)/manifest.json
-	DIFFPROMPT_ARTIFACT_DIR=$(ARTIFACT) $(PY) -m diffprompt.service --host $(HOST) --port $(PORT)
+	$(VENV)/bin/diffprompt serve --artifact $(ARTIFACT) --host $(HOST) --port $(PORT)
 
-$(ARTIFACT)/manifest.json: | setup
+# Re-exported when the pipeline's no-match calibration for the served step count is newer.
+$(ARTIFACT)/manifest.json: $(wildcard $(PIPELINE)/no_match-$(SERVE_STEPS)steps.json) | setup
 	@test -d $(PIPELINE) || { echo "$(PIPELINE) is missing: train it first (diffprompt train-prompts), or set PIPELINE=..." >&2; exit 1; }
 	$(VENV)/bin/diffprompt export --pipeline $(PIPELINE) --steps $(EXPORT_STEPS) --out $(ARTIFACTS)
 

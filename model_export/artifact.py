@@ -31,6 +31,7 @@ from diffprompt.core.manifest import (
     TokenizerInfo,
     file_entry,
 )
+from diffprompt.core.no_match import NoMatchCalibration
 from diffprompt.core.tokenizer import TOKENIZER_FILE
 from diffprompt.model_export.graphs import (
     ConditionEncoder,
@@ -96,11 +97,11 @@ def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
 
 
 def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
-                    tokenizer_file: Path, progress: bool = True) -> Path:
-    """Write one artifact directory; returns its path."""
+                    tokenizer_file: Path, progress: bool = True, no_match: NoMatchCalibration | None = None) -> Path:
+    """Write one artifact directory; returns its path. `no_match` goes into the manifest as it is."""
     tmp = staging_dir(out)
     try:
-        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress)
+        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress, no_match)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,7 +109,7 @@ def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, 
 
 
 def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str, tokenizer_file: Path,
-                    progress: bool) -> None:
+                    progress: bool, no_match: NoMatchCalibration | None = None) -> None:
     """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
     foundation, learner = pipeline.foundation.eval(), pipeline.learner
     pixels, ids, mask = example_inputs(pipeline)
@@ -183,6 +184,6 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         tokenizer=TokenizerInfo(TOKENIZER_FILE, cfg.max_text_length),
         ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
-        export_max_abs_diff=diffs,
+        export_max_abs_diff=diffs, no_match=no_match,
     )
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))

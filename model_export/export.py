@@ -8,7 +8,9 @@ Each directory is one deployable model with one fixed DDIM step count: the four 
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
 their weights stored once in `weights.bin` (model_export/shared_weights.py: the foundation runs
 in two graphs but is stored once), `tokenizer.json`, and `manifest.json`
-(diffprompt/core/manifest.py says what is in it).
+(diffprompt/core/manifest.py says what is in it). A no-match calibration fitted for the step count
+(`no_match-{steps}steps.json` in the pipeline directory, written by `diffprompt calibrate`) is
+copied into the manifest (`no_match`).
 Every graph is checked with `onnx.checker` and run once in onnxruntime against PyTorch before
 the manifest is written; the directory appears atomically (written to a staging sibling,
 then swapped in: diffprompt.core.files). The writing itself: model_export/artifact.py.
@@ -20,14 +22,18 @@ import argparse
 import json
 from pathlib import Path
 
+from diffprompt.cli import positive_int
+
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
     from diffprompt.core.manifest import MANIFEST_FILE
+    from diffprompt.core.no_match import calibration_file, read_calibration
     from diffprompt.core.tokenizer import TOKENIZER_FILE
     from diffprompt.model_export.artifact import export_pipeline
-    from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+    from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, weights_fingerprint
+    from diffprompt.training.models.pretrained import CheckpointError
 
     torch.set_num_threads(args.threads)
     src = Path(args.pipeline)
@@ -39,17 +45,24 @@ def main(args: argparse.Namespace) -> int:
         pipeline = DiffPromptPipeline.foundation_only(src)
         tokenizer_file = src / TOKENIZER_FILE
     else:
-        raise SystemExit(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation (tokenizer.json)")
+        raise CheckpointError(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation "
+                              f"({TOKENIZER_FILE})" + ("" if src.is_dir() else ": no such directory"))
     name = args.name or src.name
     out_root = Path(args.out)
     diffprompt = pipeline.learner is not None and pipeline.learner.needs_masks
     for steps in (args.steps if diffprompt else [None]):
         out = out_root / (f"{name}-{steps}steps" if steps else name)
-        export_pipeline(pipeline, out, steps, name, tokenizer_file, progress=args.progress)
+        no_match = read_calibration(src, steps)
+        if no_match is not None and no_match.fingerprint != weights_fingerprint(src):
+            raise CheckpointError(f"{src / calibration_file(steps)}: fitted on other weights than {src} holds now; "
+                                  f"refit it: diffprompt calibrate --checkpoint {src}"
+                                  + (f" --ddim-steps {steps}" if steps else "") + " --overwrite")
+        export_pipeline(pipeline, out, steps, name, tokenizer_file, progress=args.progress, no_match=no_match)
         manifest = json.loads((out / MANIFEST_FILE).read_text())
         worst = max(manifest["export_max_abs_diff"].values())
         print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "
-              f"max |onnxruntime - torch| {worst:.2e})")
+              f"max |onnxruntime - torch| {worst:.2e}; no-match calibration: "
+              f"{calibration_file(steps) if no_match else 'none, fit one with `diffprompt calibrate`'})")
         if args.triton:
             from diffprompt.model_export.triton import write_triton_repository
 
@@ -63,13 +76,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", default="checkpoints/diffprompt",
                    help="a train-prompts pipeline directory, or a foundation directory")
-    p.add_argument("--steps", type=int, nargs="+", default=[25, 5], help="one artifact per DDIM step count")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[25, 5], help="one artifact per DDIM step count")
     p.add_argument("--out", default="artifacts")
     p.add_argument("--name", default=None, help="artifact name (default: the pipeline directory's name)")
     p.add_argument("--triton", default=None, metavar="REPO",
                    help="also write a Triton model repository per artifact under REPO (deploy/triton/README.md)")
     p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

@@ -8,8 +8,9 @@
 
 Per request: decode + preprocess in a thread pool ("decode" stage), one slot in a micro-batch
 (service.batching) whose single `runtime.ground` call runs in the inference thread (condition,
-sampler, prompt_builder, grounding stages), then top-k, pixel boxes and the mask PNG in the
-thread pool ("postprocess"). Routes only see `Engine`; nothing here imports torch.
+sampler, prompt_builder, grounding stages; P(no match) too when the artifact is calibrated), then
+top-k, pixel boxes and the mask PNG in the thread pool ("postprocess"). Routes only see `Engine`;
+nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Prediction:
     model_version: str
     ddim_steps: int
     seed: int
+    no_match: float | None = None  # P(the object is not in the image); None without a calibrator
+    no_match_threshold: float | None = None  # the calibrator's threshold chosen on val
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class _Raw:
     scores: np.ndarray  # (P,)
     boxes: np.ndarray  # (P, 4) cxcywh in [0, 1] of the input square
     mask_logits: np.ndarray | None  # (m, m)
+    no_match: float | None  # P(no match), if the artifact is calibrated
 
 
 class Engine:
@@ -270,6 +274,8 @@ class Engine:
         return {"model_version": self.model_version, "ddim_steps": self.ddim_steps,
                 "method": self.method or None, "provider": rt.provider if rt else None,
                 "providers": rt.describe() if rt else None, "makes_masks": self.makes_masks,
+                "no_match_threshold": (self.manifest.no_match.threshold
+                                       if self.manifest and self.manifest.no_match else None),
                 "max_batch_size": self.max_batch_size, "request_timeout_s": self.request_timeout_s}
 
     # -- inference --------------------------------------------------------------------------------
@@ -316,9 +322,9 @@ class Engine:
         ids, mask = self.runtime.tokenizer([it.expression for it in items])
         result = self.runtime.ground(np.stack([it.pixels for it in items]), ids, mask, [it.seed for it in items])
         self.metrics.observe_stages(result.seconds)
-        logits = result.mask_logits
-        return [_Raw(result.scores[i], result.boxes[i], None if logits is None else logits[i])
-                for i in range(len(items))]
+        logits, no_match = result.mask_logits, result.no_match
+        return [_Raw(result.scores[i], result.boxes[i], None if logits is None else logits[i],
+                     None if no_match is None else float(no_match[i])) for i in range(len(items))]
 
     def _postprocess(self, raw: _Raw, width: int, height: int, options: GroundOptions) -> Prediction:
         """Top-k boxes above the threshold in pixels (rounded to 0.01 px, scores to 1e-6), mask as PNG."""
@@ -337,4 +343,7 @@ class Engine:
             buffer = io.BytesIO()
             Image.fromarray(mask).save(buffer, format="PNG")  # bool -> mode "1"
             mask_png = buffer.getvalue()
-        return Prediction(width, height, detections, mask_png, self.model_version, self.ddim_steps, options.seed)
+        calibration = self.manifest.no_match
+        return Prediction(width, height, detections, mask_png, self.model_version, self.ddim_steps, options.seed,
+                          no_match=None if raw.no_match is None else round(raw.no_match, 6),
+                          no_match_threshold=None if calibration is None else round(calibration.threshold, 6))

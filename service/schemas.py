@@ -62,7 +62,7 @@ class Box(BaseModel):
 
 
 class GroundResponse(BaseModel):
-    """Ranked boxes for one expression, and optionally the generated mask."""
+    """Ranked boxes for one expression, optionally the generated mask, and P(no match) if calibrated."""
 
     model_version: str
     ddim_steps: int = Field(description="DDIM steps the served artifact runs (0: no diffusion)")
@@ -74,13 +74,23 @@ class GroundResponse(BaseModel):
     boxes: list[Box] = Field(description="best first, at most top_k, each scoring >= score_threshold")
     mask_png_base64: str | None = Field(None, description="1-bit PNG, width x height, white = the generated "
                                                           "mask; null unless return_mask")
+    no_match: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="probability that the expression's object is not in the image at all, from the artifact's "
+                    "no-match calibrator (logistic regression on the pipeline's own features, fitted and measured "
+                    "on the synthetic world: docs/results.md); null if the artifact has no calibrator")
+    no_match_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="the calibrator's decision threshold, chosen on val: no_match >= no_match_threshold means "
+                    "'probably not in the image' (the boxes are still returned); null if no calibrator")
 
     @classmethod
     def from_prediction(cls, p: Prediction, expression: str) -> GroundResponse:
         return cls(model_version=p.model_version, ddim_steps=p.ddim_steps, seed=p.seed, expression=expression,
                    width=p.width, height=p.height,
                    boxes=[Box(rank=d.rank, score=d.score, xyxy=list(d.xyxy)) for d in p.detections],
-                   mask_png_base64=base64.b64encode(p.mask_png).decode("ascii") if p.mask_png else None)
+                   mask_png_base64=base64.b64encode(p.mask_png).decode("ascii") if p.mask_png else None,
+                   no_match=p.no_match, no_match_threshold=p.no_match_threshold)
 
 
 class ErrorInfo(BaseModel):

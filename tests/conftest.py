@@ -39,7 +39,8 @@ def small_world(tmp_path_factory) -> Path:
     from diffprompt.training.data.synthetic.writer import write_split
 
     out = tmp_path_factory.mktemp("world")
-    for name, n in [("pretrain", 24), ("heldout", 12), ("train", 16), ("val", 8), ("testA", 8), ("testB", 8)]:
+    for name, n in [("pretrain", 24), ("heldout", 12), ("train", 16), ("val", 8), ("testA", 8), ("testB", 8),
+                    ("train_absent", 16), ("val_absent", 8), ("test_absent", 8)]:
         write_split(SPLITS[name], out, n_images=n, progress=False)
     return out
 
@@ -125,3 +126,40 @@ def project_wheel(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr
     (wheel,) = out.glob("diffprompt-*.whl")
     return wheel
+
+
+# Every no-match feature the tiny token pipeline computes (the context ones have the DiT's width each).
+TINY_NO_MATCH_FEATURES = ("top_logit", "margin", "mean_logit", "mask_peak", "mask_area", "mask_at_top",
+                          "pointer_peak", "context_summary", "context_pointed", "context_text")
+
+
+def tiny_calibration(pipeline_dir: Path, steps: int, threshold: float = 0.5):
+    """A no-match calibration for the tiny pipeline with fixed random weights over every feature."""
+    import json
+
+    import numpy as np
+
+    from diffprompt.core.no_match import NoMatchCalibration
+
+    width = json.loads((pipeline_dir.parent / "dit" / "config.json").read_text())["hidden_size"]
+    columns = 7 + 3 * width
+    rng = np.random.default_rng(steps)
+    return NoMatchCalibration(TINY_NO_MATCH_FEATURES, tuple(rng.normal(0, 0.5, columns)),
+                              tuple(rng.uniform(0.5, 2.0, columns)), tuple(rng.normal(0, 0.2, columns)), 0.1,
+                              threshold, steps, {"note": "random weights (tests)"})
+
+
+@pytest.fixture(scope="session")
+def calibrated_pipeline_dir(tiny_pipeline_dir) -> Path:
+    """The tiny pipeline with a no-match calibration for 3 DDIM steps (none for other step counts)."""
+    import dataclasses
+    import shutil
+
+    from diffprompt.core.no_match import write_calibration
+    from diffprompt.training.models.diffprompt import weights_fingerprint
+
+    out = tiny_pipeline_dir.with_name("diffprompt_calibrated")  # a sibling: pipeline.json's paths still hold
+    if not out.exists():
+        shutil.copytree(tiny_pipeline_dir, out)
+        write_calibration(out, dataclasses.replace(tiny_calibration(out, 3), fingerprint=weights_fingerprint(out)))
+    return out

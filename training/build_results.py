@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from diffprompt.cli import positive_int
+
 SPLITS = ("val", "testA", "testB")
 BASELINES = ("vpt", "coop", "maple", "clip_adapter", "linear_probe")
 LABELS = {"foundation": "Frozen foundation (zero-shot)", "vpt": "VPT-deep", "coop": "CoOp (deep text prompts)",
@@ -380,7 +382,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--ablation-steps", type=int, nargs="+", default=[5, 10, 25], help="DDIM steps ablation")
     p.add_argument("--only", nargs="*", default=[], help="run only jobs whose name starts with one of these")
     p.add_argument("--jobs", type=int, default=1, help="jobs run side by side (processes)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads per job")
     p.add_argument("--report", default="docs/rec_results.md")
     p.add_argument("--plot", default="docs/images/rec_results.png")
     p.add_argument("--masks", default="docs/images/generated_masks.png")

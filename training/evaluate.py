@@ -22,11 +22,16 @@ import argparse
 import json
 from pathlib import Path
 
+from diffprompt.cli import non_negative_int, positive_int
+from diffprompt.core.errors import UserError
+from diffprompt.core.providers import PROVIDER_NAMES
+from diffprompt.training.data.synthetic.splits import SPLITS
+
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.data.mdetr import check_images, load_mdetr
     from diffprompt.training.evaluation.rec import evaluate_samples
     from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, load_foundation
 
@@ -39,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
         tokenizer = model.tokenizer
         args.ddim_steps = model.steps
     elif args.checkpoint is None:
-        raise SystemExit("give --checkpoint (PyTorch) or --artifact (onnxruntime)")
+        raise UserError("give --checkpoint (PyTorch) or --artifact (onnxruntime)")
     elif (Path(args.checkpoint) / PIPELINE_FILE).exists():
         model = DiffPromptPipeline.from_pretrained(args.checkpoint, steps=args.ddim_steps)
         tokenizer = model.tokenizer
@@ -49,12 +54,17 @@ def main(args: argparse.Namespace) -> int:
     if args.split:
         from diffprompt.training.data.synthetic.writer import ensure_split
 
-        datasets += [(name, ensure_split(Path(args.data_dir), name, progress=args.progress)) for name in args.split]
+        for name in args.split:
+            if SPLITS[name].absent:
+                raise UserError(f"split {name} holds expressions whose object is absent (nothing to recall): "
+                                "score it with `diffprompt calibrate`")
+            datasets.append((name, ensure_split(Path(args.data_dir), name, progress=args.progress)))
     if not datasets:
-        raise SystemExit("nothing to evaluate: give --split and/or --json")
+        raise UserError("nothing to evaluate: give --split and/or --json")
     report = {}
     for name, path in datasets:
         samples = list(load_mdetr(path))[: args.limit]
+        check_images(samples)
         acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, progress=args.progress,
                                seed=args.seed)
         print(f"\n{name} ({path}, {len(samples)} expressions, {args.criterion.upper()} >= 0.5)")
@@ -72,16 +82,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a foundation directory or a train-prompts pipeline directory")
     p.add_argument("--artifact", default=None, help="an exported artifact directory, run with onnxruntime instead")
-    p.add_argument("--providers", nargs="+", default=["cpu"], help="onnxruntime providers in order (--artifact)")
-    p.add_argument("--split", nargs="*", default=[], help="synthetic split names (val, testA, testB, heldout, ...)")
+    p.add_argument("--providers", nargs="+", default=["cpu"], choices=list(PROVIDER_NAMES), metavar="PROVIDER",
+                   help=f"onnxruntime providers in order (--artifact), of {list(PROVIDER_NAMES)}")
+    p.add_argument("--split", nargs="*", default=[], choices=list(SPLITS), metavar="SPLIT",
+                   help=f"synthetic split names, of {list(SPLITS)}")
     p.add_argument("--json", nargs="*", default=[], help="MDETR-style json files")
     p.add_argument("--data-dir", default="data/synthetic")
     p.add_argument("--criterion", default="iou", choices=["iou", "giou"])
-    p.add_argument("--ddim-steps", type=int, default=25, help="Diff-Prompt sampling steps")
-    p.add_argument("--seed", type=int, default=0, help="Diff-Prompt noise seed (per expression: seed, sample id)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N expressions only")
+    p.add_argument("--ddim-steps", type=positive_int, default=25, help="Diff-Prompt sampling steps")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="Diff-Prompt noise seed (per expression: seed, sample id)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N expressions only")
     p.add_argument("--out", default=None, help="also write the tables as JSON here")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

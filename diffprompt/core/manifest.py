@@ -2,7 +2,8 @@
 
 `manifest.json` records versions, the graphs with their input/output names, shapes and dtypes,
 the fixed DDIM step count and its schedule table, the prompt depth/length, the image
-preprocessing (`ImageSpec`), and a sha256 per file. `Manifest` is its one typed form: the
+preprocessing (`ImageSpec`), a sha256 per file, and, when the pipeline was calibrated, the
+no-match calibrator (`no_match`, diffprompt.core.no_match). `Manifest` is its one typed form: the
 exporter builds one and writes `to_dict()`, the runtime, the service and the Triton writer
 read `Manifest.from_dict`. `validate_artifact` checks every file against it; any missing,
 truncated or altered file is an `ArtifactError` naming the file. No torch here.
@@ -11,14 +12,14 @@ truncated or altered file is an `ArtifactError` naming the file. No torch here.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffprompt.core.ddim import DDIMStep, steps_from_table
-from diffprompt.core.errors import UserError
+from diffprompt.core.errors import UserError, read_json_object
 from diffprompt.core.image_spec import ImageSpec
+from diffprompt.core.no_match import NoMatchCalibration
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -119,6 +120,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     dtype: str = "float32"
     export_max_abs_diff: dict[str, float] = field(default_factory=dict)
+    no_match: NoMatchCalibration | None = None  # P(no match) from the outputs (diffprompt.core.no_match)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,7 +133,7 @@ class Manifest:
     _SAMPLER_KEYS = ("conditioning", "denoiser_conditions", "latent_shape", "mask_size", "prediction_type",
                      "clip_sample_range", "schedule", "kept_outputs", "prompt_depth", "prompt_length")
     _KNOWN = {"format_version", "name", "created", "versions", "method", "dtype", "image", "tokenizer",
-              "ddim_steps", "graphs", "export_max_abs_diff", "files", "model_version", *_SAMPLER_KEYS}
+              "ddim_steps", "graphs", "export_max_abs_diff", "files", "model_version", "no_match", *_SAMPLER_KEYS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_FILE) -> Manifest:
@@ -153,6 +155,16 @@ class Manifest:
                 if len(sampler.schedule) != int(d["ddim_steps"]):
                     raise ArtifactError(f"{where}: schedule has {len(sampler.schedule)} rows for "
                                         f"{d['ddim_steps']} steps")
+            no_match = NoMatchCalibration.from_dict(d["no_match"]) if d.get("no_match") is not None else None
+            if no_match is not None:
+                computed = {"scores", "boxes", "attention_mask", *(["mask_logits"] if sampler else []),
+                            *(o["name"] for o in d["graphs"].get("condition_encoder", {}).get("outputs", []))}
+                if no_match.needs - computed:
+                    raise ArtifactError(f"{where}: the no_match calibration reads {sorted(no_match.needs - computed)}, "
+                                        "which this artifact does not compute")
+            if no_match is not None and no_match.ddim_steps != int(d["ddim_steps"]):
+                raise ArtifactError(f"{where}: the no_match calibration was fitted at {no_match.ddim_steps} DDIM "
+                                    f"steps, the artifact runs {d['ddim_steps']}")
             return cls(
                 name=d.get("name", ""), model_version=d.get("model_version", "unknown"),
                 method=d.get("method", ""), image=ImageSpec.from_dict(d["image"]),
@@ -161,7 +173,7 @@ class Manifest:
                 graphs={k: GraphInfo.from_dict(g) for k, g in d["graphs"].items()},
                 files=dict(d["files"]), num_patches=d["image"].get("num_patches"), sampler=sampler,
                 created=d.get("created", ""), versions=dict(d.get("versions", {})), dtype=d.get("dtype", "float32"),
-                export_max_abs_diff=dict(d.get("export_max_abs_diff", {})),
+                export_max_abs_diff=dict(d.get("export_max_abs_diff", {})), no_match=no_match,
                 extra={k: v for k, v in d.items() if k not in cls._KNOWN})
         except ArtifactError:
             raise
@@ -191,6 +203,8 @@ class Manifest:
                 "kept_outputs": list(s.kept_outputs), "prompt_depth": dict(s.prompt_depth),
                 "prompt_length": s.prompt_length,
             })
+        if self.no_match is not None:
+            d["no_match"] = self.no_match.to_dict()
         d["files"] = self.files
         d["model_version"] = self.model_version
         d.update(self.extra)
@@ -212,15 +226,7 @@ def read_manifest(directory: str | Path) -> Manifest:
     path = directory / MANIFEST_FILE
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: artifact directory does not exist")
-    if not path.exists():
-        raise ArtifactError(f"{path}: missing (not an exported artifact directory?)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: not a JSON object")
-    return Manifest.from_dict(data, str(path))
+    return Manifest.from_dict(read_json_object(path, ArtifactError, "not an exported artifact directory?"), str(path))
 
 
 def validate_artifact(directory: str | Path, check_hashes: bool = True) -> Manifest:

@@ -8,8 +8,9 @@ Diff-Prompt artifact the pipeline is
 
     condition_encoder -> DDIM loop (one `denoiser` call per step, numpy update) -> prompt_builder -> grounding
 
-and for a foundation or baseline artifact just `grounding`. The schedule, kept outputs,
-condition names, latent shape, prediction type and clip range come from the typed manifest.
+and for a foundation or baseline artifact just `grounding`. A calibrated artifact also gets
+P(no match) per row from those outputs (`Manifest.no_match`, diffprompt.core.no_match). The
+schedule, kept outputs, condition names, latent shape, prediction type and clip range come from the typed manifest.
 Noise is numpy PCG64 per seed (`initial_noise`), as in training, so PyTorch, onnxruntime and
 Triton agree for the same seed. numpy only: the Triton model imports this file.
 """
@@ -46,6 +47,7 @@ class GroundingResult:
     boxes: np.ndarray  # (B, P, 4) cxcywh in [0, 1] of the model's input square
     mask_logits: np.ndarray | None  # (B, m, m) the final generated mask (logits > 0 = mask), Diff-Prompt only
     seconds: dict[str, float] = field(default_factory=dict)  # per stage (STAGES), wall clock
+    no_match: np.ndarray | None = None  # (B,) P(the object is absent), if the artifact is calibrated
 
 
 def _outputs(manifest: Manifest, graph: str) -> list[str]:
@@ -86,7 +88,8 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
     if manifest.sampler is None:
         t0 = clock()
         logits, boxes = infer("grounding", base, _outputs(manifest, "grounding"))
-        return GroundingResult(sigmoid(logits), boxes, None, {"grounding": clock() - t0})
+        result = GroundingResult(sigmoid(logits), boxes, None, {"grounding": clock() - t0})
+        return _with_no_match(manifest, result, base["attention_mask"], {})
     t0 = clock()
     conditions = dict(zip(_outputs(manifest, "condition_encoder"),
                           infer("condition_encoder", base, _outputs(manifest, "condition_encoder"))))
@@ -100,4 +103,15 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
     t4 = clock()
     seconds = {"condition": t1 - t0, "sampler": t2 - t1, "prompt_builder": t3 - t2, "grounding": t4 - t3}
     mask_logits = np.ascontiguousarray(masks[:, 0, 0], dtype=np.float32)  # shallowest layer's mask = final x0
-    return GroundingResult(sigmoid(logits), boxes, mask_logits, seconds)
+    result = GroundingResult(sigmoid(logits), boxes, mask_logits, seconds)
+    return _with_no_match(manifest, result, base["attention_mask"], conditions)
+
+
+def _with_no_match(manifest: Manifest, result: GroundingResult, attention_mask: np.ndarray,
+                   conditions: dict[str, np.ndarray]) -> GroundingResult:
+    """P(no match) per row from the manifest's calibrator (diffprompt.core.no_match), if it has one."""
+    if manifest.no_match is not None:
+        result.no_match = manifest.no_match.probability({
+            **conditions, "scores": result.scores, "boxes": result.boxes, "mask_logits": result.mask_logits,
+            "attention_mask": attention_mask})
+    return result

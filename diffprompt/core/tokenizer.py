@@ -20,6 +20,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 
+from diffprompt.core.errors import MissingFileError
+
 TOKENIZER_FILE = "tokenizer.json"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 
@@ -56,7 +58,7 @@ class QueryTokenizer:
         if path.is_dir():
             path = path / TOKENIZER_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{path}: tokenizer file missing")
+            raise MissingFileError(f"{path}: tokenizer file missing")
         return cls(Tokenizer.from_file(str(path)), max_length)
 
     @property

@@ -224,3 +224,38 @@ def test_export_can_also_write_a_triton_repository(tiny_pipeline_dir, tmp_path):
     assert {p.name for p in repo.iterdir() if p.is_dir()} == {
         "condition_encoder", "denoiser", "prompt_builder", "grounding", "diffprompt"}
     assert 'kind: KIND_CPU' in (repo / "grounding" / "config.pbtxt").read_text()
+
+
+def test_the_no_match_calibration_goes_into_the_manifest_and_both_runtimes_agree(calibrated_pipeline_dir, tmp_path):
+    from diffprompt.core.no_match import read_calibration
+    from diffprompt.training.calibrate import pipeline_outputs
+
+    out = tmp_path / "art"
+    assert main(build_parser().parse_args(["--pipeline", str(calibrated_pipeline_dir), "--steps", "3", "5", "--out",
+                                           str(out), "--name", "cal", "--threads", "1", "--no-progress"])) == 0
+    calibration = read_calibration(calibrated_pipeline_dir, 3)
+    assert validate_artifact(out / "cal-3steps").no_match == calibration
+    assert validate_artifact(out / "cal-5steps").no_match is None  # fitted for 3 steps only
+    pipeline = DiffPromptPipeline.from_pretrained(calibrated_pipeline_dir, steps=3)
+    pixels, ids, mask = _batch(pipeline)
+    seeds = [5, 6, 7, 8]
+    got = GroundingRuntime.load(out / "cal-3steps", CPU).ground(pixels.numpy(), ids, mask, seeds).no_match
+    want = calibration.probability(pipeline_outputs(pipeline, pixels, ids, mask, seeds))
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert np.ptp(want) > 0.05  # the rows differ: the check compares something
+    assert GroundingRuntime.load(out / "cal-5steps", CPU).ground(pixels.numpy(), ids, mask, seeds).no_match is None
+
+
+def test_export_refuses_a_calibration_fitted_on_other_weights(calibrated_pipeline_dir, tmp_path):
+    """Retrained weights with the old no_match file beside them: the calibration no longer fits them."""
+    import dataclasses
+
+    from diffprompt.core.no_match import read_calibration, write_calibration
+    from diffprompt.training.models.grounding import CheckpointError
+
+    stale = calibrated_pipeline_dir.with_name("stale_calibration")  # a sibling: pipeline.json's paths hold
+    shutil.copytree(calibrated_pipeline_dir, stale, dirs_exist_ok=True)
+    write_calibration(stale, dataclasses.replace(read_calibration(stale, 3), fingerprint="0123456789abcdef"))
+    with pytest.raises(CheckpointError, match="no_match-3steps.json: fitted on other weights.*--overwrite"):
+        main(build_parser().parse_args(["--pipeline", str(stale), "--steps", "3", "--out", str(tmp_path),
+                                        "--threads", "1", "--no-progress"]))

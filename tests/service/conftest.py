@@ -16,10 +16,11 @@ def _export(pipeline: Path, out: Path, *extra: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tiny_pipeline_dir, tmp_path_factory) -> Path:
-    """A Diff-Prompt artifact with random weights, 3 DDIM steps (shapes and plumbing are real)."""
+def tiny_artifact(calibrated_pipeline_dir, tmp_path_factory) -> Path:
+    """A Diff-Prompt artifact with random weights, 3 DDIM steps, and a no-match calibration with random
+    weights (shapes and plumbing are real)."""
     out = tmp_path_factory.mktemp("service_artifacts")
-    _export(tiny_pipeline_dir, out, "--steps", "3")
+    _export(calibrated_pipeline_dir, out, "--steps", "3")
     return out / "tiny-3steps"
 
 

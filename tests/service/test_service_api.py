@@ -146,3 +146,32 @@ def test_foundation_only_artifact_has_no_mask(auth_server):
     body = auth_server.ground(sample_png(), headers=key).json()
     assert body["ddim_steps"] == 0 and body["boxes"]
     assert_error(auth_server.ground(sample_png(), headers=key, return_mask=True), 422, "mask_unavailable")
+
+
+def test_no_match_is_the_artifacts_calibrated_probability(server, tiny_artifact):
+    """The response's no_match is what the one inference pipeline computes from the manifest's calibrator."""
+    from diffprompt.core.providers import ProviderConfig
+    from diffprompt.core.runtime import GroundingRuntime
+
+    image = sample_png("diamond_star.png")
+    got = [server.ground(image, expression, seed=4).json() for expression in ("the blue star", "the red circle")]
+    runtime = GroundingRuntime.load(tiny_artifact, ProviderConfig(preferred=("cpu",)), warmup=False)
+    pixels = runtime.manifest.image.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))
+    ids, mask = runtime.tokenizer(["the blue star", "the red circle"])
+    want = runtime.ground(np.stack([pixels, pixels]), ids, mask, [4, 4]).no_match
+    for body, p in zip(got, want):
+        assert body["no_match"] == pytest.approx(float(p), abs=1e-5)
+        assert body["no_match_threshold"] == runtime.manifest.no_match.threshold == 0.5
+    assert got[0]["no_match"] != got[1]["no_match"]  # it depends on the expression
+
+
+def test_no_match_is_documented_in_the_openapi_schema(server):
+    schema = server.client.get("/openapi.json").json()["components"]["schemas"]["GroundResponse"]["properties"]
+    for field in ("no_match", "no_match_threshold"):
+        assert "probab" in schema["no_match"]["description"] and schema[field]["description"]
+        assert {"type": "null"} in schema[field]["anyOf"]
+
+
+def test_an_uncalibrated_artifact_answers_no_match_null(auth_server):
+    body = auth_server.ground(sample_png(), headers={"Authorization": "Bearer s3cret-key"}).json()
+    assert body["no_match"] is None and body["no_match_threshold"] is None

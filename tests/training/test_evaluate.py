@@ -57,9 +57,9 @@ def test_predictions_cover_every_patch_in_image_pixels(baby_checkpoint, small_wo
     assert giou["UB"] <= iou["UB"]
 
 
-def test_evaluate_without_data_is_a_clear_error(baby_checkpoint):
-    with pytest.raises(SystemExit, match="nothing to evaluate"):
-        cli_main(["evaluate", "--checkpoint", str(baby_checkpoint)])
+def test_evaluate_without_data_is_a_clear_error(baby_checkpoint, capsys):
+    assert cli_main(["evaluate", "--checkpoint", str(baby_checkpoint)]) == 2
+    assert capsys.readouterr().err == "error: nothing to evaluate: give --split and/or --json\n"
 
 
 def test_cli_help_lists_commands(capsys):
@@ -69,7 +69,7 @@ def test_cli_help_lists_commands(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("command", ["data", "pretrain", "evaluate"])
+@pytest.mark.parametrize("command", ["data", "pretrain", "evaluate", "calibrate", "serve"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main([command, "--help"])

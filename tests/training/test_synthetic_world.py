@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffprompt.training.data.synthetic.expressions import GENERATORS, category_queries
-from diffprompt.training.data.synthetic.language import Category, evaluate, kind_of, parse, to_text
+from diffprompt.training.data.synthetic.language import Category, Relation, evaluate, kind_of, parse, to_text
 from diffprompt.training.data.synthetic.splits import SPLITS, generate_image
 from diffprompt.training.data.synthetic.world import (
     BACKGROUND_GRAY,
@@ -137,3 +137,78 @@ def test_splits_hold_their_kinds_and_differ():
     assert not np.array_equal(a, b)
     heldout = [t for i in range(20) for _, t in generate_image(SPLITS["heldout"], i).expressions]
     assert heldout and all(len(t) == 1 for t in heldout)
+
+
+# -- absent-object splits --------------------------------------------------------------------------
+
+# sha256 (first 16 hex) of the first 5 images and their expressions of every split, computed on the
+# code before the absent-object splits were added: adding them must not change any other split.
+DIGESTS_BEFORE_ABSENT_SPLITS = {
+    "pretrain": "b64e599bb957fee2", "train": "e482102a376739e0", "val": "e891d644b8f7f989",
+    "testA": "9198ed1a4e2d9907", "testB": "88824ea2bcf41de8", "heldout": "d47a534fe85e137c",
+}
+
+
+def _digest(spec, n: int = 5) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in range(n):
+        item = generate_image(spec, i)
+        h.update(item.scene.image.tobytes())
+        for e, t in item.expressions:
+            h.update(f"{to_text(e)}|{t}".encode())
+    return h.hexdigest()[:16]
+
+
+def test_adding_absent_splits_changed_no_other_split():
+    assert {name: _digest(SPLITS[name]) for name in DIGESTS_BEFORE_ABSENT_SPLITS} == DIGESTS_BEFORE_ABSENT_SPLITS
+
+
+@pytest.mark.parametrize("name", ["val_absent", "test_absent", "train_absent"])
+def test_absent_splits_place_their_mirrors_expressions_where_nothing_fits(name):
+    from diffprompt.training.data.synthetic.expressions import can_be_absent
+    from diffprompt.training.data.synthetic.splits import mirrored_image
+
+    spec = SPLITS[name]
+    assert spec.absent and not any(SPLITS[m].absent for m in spec.mirror)
+    kinds = set()
+    second = [SPLITS[spec.mirror[0]].n_images + i for i in range(6)] if len(spec.mirror) > 1 else []
+    indices = list(range(12)) + second
+    for i in indices:
+        item = generate_image(spec, i)
+        source = generate_image(*mirrored_image(spec, i))
+        assert len(item.scene.objects) == len(source.scene.objects)
+        assert [e for e, _ in item.expressions] == [e for e, _ in source.expressions if can_be_absent(e)]
+        for expr, targets in item.expressions:
+            assert targets == ()
+            assert evaluate(parse(to_text(expr)), item.scene.objects) == []  # the evaluator, from the text alone
+            if isinstance(expr, Relation):  # absent, not ambiguous: the anchor is unique or missing
+                assert sum(expr.anchor.matches(o) for o in item.scene.objects) <= 1
+            kinds.add(kind_of(expr))
+        again = generate_image(spec, i)
+        assert np.array_equal(again.scene.image, item.scene.image) and again.expressions == item.expressions
+    assert kinds >= {"attribute", "relation"}
+    assert not np.array_equal(generate_image(spec, 0).scene.image, generate_image(*mirrored_image(spec, 0)).scene.image)
+
+
+def test_test_absent_mirrors_testA_then_testB():
+    from diffprompt.training.data.synthetic.splits import mirrored_image
+
+    assert mirrored_image(SPLITS["test_absent"], 0) == (SPLITS["testA"], 0)
+    assert mirrored_image(SPLITS["test_absent"], 300) == (SPLITS["testB"], 0)
+    with pytest.raises(IndexError):
+        mirrored_image(SPLITS["test_absent"], 600)
+
+
+def test_absent_split_round_trips_through_the_mdetr_loader(tmp_path):
+    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.data.synthetic.writer import write_split
+
+    path = write_split(SPLITS["val_absent"], tmp_path, n_images=4, progress=False)
+    texts = [to_text(e) for i in range(4) for e, _ in generate_image(SPLITS["val_absent"], i).expressions]
+    skipped = load_mdetr(path)
+    assert len(skipped) == 0 and skipped.num_skipped == len(texts)  # the default: expressions with a target only
+    samples = load_mdetr(path, keep_unannotated=True)
+    assert [s.expression for s in samples] == texts
+    assert all(s.boxes.shape == (0, 4) and s.masks == () and s.image_path.is_file() for s in samples)

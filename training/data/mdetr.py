@@ -47,17 +47,21 @@ class SampleList(list[GroundingSample]):
         self.num_skipped = num_skipped
 
 
-def load_mdetr(json_path: str | Path, image_root: str | Path | None = None) -> SampleList:
+def load_mdetr(json_path: str | Path, image_root: str | Path | None = None,
+               keep_unannotated: bool = False) -> SampleList:
     """Load an MDETR-style COCO json into one `GroundingSample` per annotated image entry.
 
     Args:
         json_path: the json file.
         image_root: directory of the image files; defaults to the json's directory (with the
             ``images/`` fallback described in the module docstring).
+        keep_unannotated: also return entries without annotations, as samples with no boxes
+            (``boxes`` of shape (0, 4)): expressions whose object is absent (the synthetic
+            ``*_absent`` splits).
 
     Returns:
         A `SampleList` (a list) in file order; ``num_skipped`` counts entries without any
-        annotation (also logged as a warning).
+        annotation that were dropped (also logged as a warning).
 
     Raises:
         DatasetError: missing/unreadable file, invalid JSON, missing keys, bad values. The
@@ -110,11 +114,12 @@ def load_mdetr(json_path: str | Path, image_root: str | Path | None = None) -> S
     samples: list[GroundingSample] = []
     skipped = 0
     for entry_id, entry in entries.items():
-        if not boxes[entry_id]:
+        if not boxes[entry_id] and not keep_unannotated:
             skipped += 1
             continue
         where = f"{path}: image entry id={entry_id}"
         height, width = entry["height"], entry["width"]
+        entry_boxes = np.stack(boxes[entry_id]) if boxes[entry_id] else np.zeros((0, 4), np.float32)
         samples.append(
             GroundingSample(
                 sample_id=entry_id,
@@ -123,7 +128,7 @@ def load_mdetr(json_path: str | Path, image_root: str | Path | None = None) -> S
                 width=width,
                 height=height,
                 expression=entry["caption"],
-                boxes=np.stack(boxes[entry_id]),
+                boxes=entry_boxes,
                 masks=masks_from_segmentations(segmentations[entry_id], height, width, where),
                 kind=entry["kind"],
             )

@@ -36,7 +36,8 @@ class GroundingSample:
         image_path: absolute path of the image file.
         width, height: image size in pixels.
         expression: the referring expression or category query, as written.
-        boxes: (K, 4) float32, xyxy pixels, the K >= 1 referred objects.
+        boxes: (K, 4) float32, xyxy pixels, the K >= 1 referred objects (K = 0 only for an
+            expression whose object is absent, loaded with ``load_mdetr(..., keep_unannotated=True)``).
         masks: K COCO RLE dicts (``{"size": [h, w], "counts": ...}``) or empty when the dataset
             has no segmentation.
         kind: one of EXPRESSION_KINDS or UNKNOWN_KIND.

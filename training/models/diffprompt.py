@@ -15,6 +15,7 @@ are pipelines without VAE and DiT. Every model loads with its class's `from_pret
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -24,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffprompt.core.errors import read_json_object
+from diffprompt.core.manifest import sha256_file
 from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
 from diffprompt.training.models.grounding import GroundingModel, GroundingOutput
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents
+from diffprompt.training.models.pretrained import CheckpointError
 from diffprompt.training.models.prompt_dit import PromptDiT
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
@@ -60,7 +64,7 @@ def load_dit(directory: str | Path) -> tuple[PromptDiT, object]:
     """(DiT with its EMA weights, its DDIMScheduler) from a stage-2 checkpoint."""
     directory = Path(directory)
     dit = PromptDiT.from_pretrained(directory)
-    scheduler_cfg = json.loads((directory / SCHEDULER_FILE).read_text())
+    scheduler_cfg = read_json_object(directory / SCHEDULER_FILE, CheckpointError, "the DiT's noise schedule")
     return dit, make_scheduler(scheduler_cfg)
 
 
@@ -77,8 +81,10 @@ class DiffPromptPipeline:
     @classmethod
     def from_pretrained(cls, directory: str | Path, steps: int = 25) -> DiffPromptPipeline:
         directory = Path(directory)
-        spec = json.loads((directory / PIPELINE_FILE).read_text())
-        resolve = lambda key: (directory / spec[key]).resolve() if spec.get(key) else None
+        spec = read_json_object(directory / PIPELINE_FILE, CheckpointError, "a train-prompts pipeline directory")
+        resolve = lambda key: (directory / spec[key]).resolve() if isinstance(spec.get(key), str) else None
+        if resolve("foundation") is None:
+            raise CheckpointError(f"{directory / PIPELINE_FILE}: names no foundation directory")
         foundation, tokenizer = load_foundation(resolve("foundation"))
         learner = PromptLearner.from_pretrained(directory)
         vae = dit = scheduler = None
@@ -122,6 +128,21 @@ class DiffPromptPipeline:
         if self.learner is not None and self.learner.needs_masks:
             masks = self.generate_masks(pixels, ids, mask, seeds)
         return prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks), masks
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """16 hex of a sha256 over the weights and configs of a pipeline directory and of the components its
+    pipeline.json names (or of a foundation directory): what a no-match calibration fitted on it belongs to."""
+    directory = Path(directory)
+    folders = [directory]
+    if (directory / PIPELINE_FILE).exists():
+        spec = read_json_object(directory / PIPELINE_FILE, CheckpointError, "a train-prompts pipeline directory")
+        folders += [(directory / v).resolve() for _, v in sorted(spec.items()) if isinstance(v, str)]
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*config.json"), *folder.glob("*.bin")]):
+            digest.update(f"{path.name}:{sha256_file(path)};".encode())
+    return digest.hexdigest()[:16]
 
 
 def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None, prompt_dit: Path | None,

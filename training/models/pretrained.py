@@ -56,11 +56,14 @@ class CheckpointError(UserError):
 def read_config_file(directory: Path) -> dict[str, Any]:
     """config.json of a checkpoint directory, as a dict."""
     path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such directory (a checkpoint directory holds {CONFIG_NAME} + "
+                              f"{WEIGHTS_NAME})")
     if not path.exists():
         raise CheckpointError(f"{path}: missing (a checkpoint directory holds {CONFIG_NAME} + {WEIGHTS_NAME})")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
     if "_class_name" in raw or (directory / OLD_WEIGHTS_NAME).exists():
         raise CheckpointError(f"{directory}: saved in diffusers' layout ({OLD_WEIGHTS_NAME}, config.json with "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffprompt.core.errors import MissingFileError
 from diffprompt.core.files import replace_directory, staging_dir
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -78,7 +79,7 @@ def load_trainer_state(directory: str | Path, optimizer: torch.optim.Optimizer |
     directory = Path(directory)
     state_path = directory / STATE_FILE
     if not state_path.exists():
-        raise FileNotFoundError(f"{state_path}: missing; {directory} is not a resumable checkpoint")
+        raise MissingFileError(f"{state_path}: missing; {directory} is not a resumable checkpoint")
     state = json.loads(state_path.read_text())
     meta = state.pop("optimizer", {})
     if optimizer is not None and meta:

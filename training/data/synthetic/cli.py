@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffprompt.cli import positive_int
 from diffprompt.training.data.synthetic.splits import SPLITS
 
 
@@ -37,7 +38,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("action", choices=["write", "preview"])
     p.add_argument("--split", default="all", choices=["all", *SPLITS])
     p.add_argument("--out", default="data/synthetic", help="directory (write) or .png / directory (preview)")
-    p.add_argument("--n-images", type=int, default=None, help="images per split (default: the split's size)")
+    p.add_argument("--n-images", type=positive_int, default=None, help="images per split (default: the split's size)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

@@ -3,6 +3,10 @@
 Each generator reasons directly on the scene (counting attribute matches, sorting positions)
 and returns `(expression, target_indices)` pairs. It does not call the semantic evaluator in
 `language.py`; the tests check the two agree.
+
+Expressions whose object is absent (the `*_absent` splits) are such expressions of another
+split's scene, placed on a new scene (`absent_scene`) in which the semantic evaluator finds no
+object for them: the same texts, present in one scene and absent from the other.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from diffprompt.training.data.synthetic.language import (
     Expression,
     Ordinal,
     Relation,
+    evaluate,
 )
-from diffprompt.training.data.synthetic.world import SceneObject
+from diffprompt.training.data.synthetic.world import Scene, SceneObject, sample_scene
 
 ATTRIBUTE_FIELDS = ("shape", "color", "size")
 
@@ -170,3 +175,45 @@ def sample_expressions(
         chosen.append((expr, targets))
         used_targets.update(targets)
     return chosen
+
+
+# ----------------------------------------------------------------------------- absent objects
+
+
+def refers_to_nothing(expr: Expression, objects: Sequence[SceneObject]) -> bool:
+    """True if no object of the scene fits `expr` (by the semantic evaluator), and the expression is
+    not merely ambiguous: a relation's anchor must be unique or absent, not repeated."""
+    if evaluate(expr, objects):
+        return False
+    if isinstance(expr, Relation):
+        return sum(expr.anchor.matches(o) for o in objects) <= 1
+    return True
+
+
+def can_be_absent(expr: Expression) -> bool:
+    """False for "the leftmost shape" and "the second shape from the left": every scene has 3+ shapes."""
+    return not (isinstance(expr, (Absolute, Ordinal)) and expr.what == Description())
+
+
+def absent_scene(expressions: Sequence[Expression], n_objects: int, rng: np.random.Generator,
+                 max_tries: int = 400) -> tuple[Scene, tuple[Expression, ...]]:
+    """A new scene of `n_objects` objects in which none of `expressions` refers to anything.
+
+    Scenes are drawn from `rng` until one has the same number of objects and no object for any of
+    the expressions that can be absent; after `max_tries`, the drawn scene with the most of them
+    absent is kept, with those. Returns (scene, the expressions absent from it).
+    """
+    wanted = [e for e in expressions if can_be_absent(e)]
+    best: tuple[Scene, tuple[Expression, ...]] | None = None
+    for _ in range(max_tries):
+        scene = sample_scene(rng)
+        if len(scene.objects) != n_objects:
+            continue
+        absent = tuple(e for e in wanted if refers_to_nothing(e, scene.objects))
+        if best is None or len(absent) > len(best[1]):
+            best = (scene, absent)
+        if len(absent) == len(wanted):
+            break
+    if best is None:  # no scene with that many objects (never seen): the last one, nothing absent
+        return scene, ()
+    return best

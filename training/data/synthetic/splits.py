@@ -3,14 +3,24 @@
 Every split has its own seed; image `i` of a split is drawn from `default_rng([seed, i])`, so
 any image can be regenerated alone and two splits never share a scene.
 
-| split    | expressions                                   | use                          |
-|----------|-----------------------------------------------|------------------------------|
-| pretrain | category queries (all targets of each)        | stage 0, foundation          |
-| train    | attribute + absolute + relation + ordinal     | stages 1-3                   |
-| val      | attribute + absolute + relation + ordinal     | model selection, ablations   |
-| testA    | attribute + absolute                          | test                         |
-| testB    | relation + ordinal                            | test                         |
-| heldout  | single-target category queries                | foundation's own check       |
+| split        | expressions                                 | use                                   |
+|--------------|---------------------------------------------|---------------------------------------|
+| pretrain     | category queries (all targets of each)      | stage 0, foundation                   |
+| train        | attribute + absolute + relation + ordinal   | stages 1-3                            |
+| val          | attribute + absolute + relation + ordinal   | model selection, ablations            |
+| testA        | attribute + absolute                        | test                                  |
+| testB        | relation + ordinal                          | test                                  |
+| heldout      | single-target category queries              | foundation's own check                |
+| train_absent | train's expressions, each object absent     | no-match calibrator (weights)         |
+| val_absent   | val's expressions, each object absent       | no-match calibrator (choice, threshold) |
+| test_absent  | testA's and testB's expressions, absent     | no-match calibrator (test)            |
+
+An `*_absent` split mirrors other splits: its image `i` takes the expressions of image `i` of the
+mirrored splits (in order: all of the first, then the second) and draws, from its own seed, a new
+scene with as many objects in which none of them refers to anything (`expressions.absent_scene`).
+So the same texts occur with their object present and absent, and a detector of "no match" cannot
+go by the words. Expressions that no scene can lack ("the leftmost shape") are left out. The
+mirrored splits' own content does not change.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from diffprompt.training.data.synthetic.expressions import category_queries, sample_expressions
+from diffprompt.training.data.synthetic.expressions import absent_scene, category_queries, sample_expressions
 from diffprompt.training.data.synthetic.language import Expression
 from diffprompt.training.data.synthetic.world import Scene, sample_scene
 
@@ -35,6 +45,12 @@ class SplitSpec:
     kinds: tuple[str, ...]  # expression kinds; "category" = detection-style queries
     per_image: int = 2  # REC expressions per image (category splits take every query)
     single_target_only: bool = False  # category split keeping queries with one target only
+    mirror: tuple[str, ...] = ()  # absent-object split: the splits whose expressions it places on new scenes
+
+    @property
+    def absent(self) -> bool:
+        """Every expression of this split refers to nothing in its image."""
+        return bool(self.mirror)
 
 
 SPLITS: dict[str, SplitSpec] = {
@@ -44,6 +60,9 @@ SPLITS: dict[str, SplitSpec] = {
     "testA": SplitSpec("testA", 4_000, 300, ("attribute", "absolute"), per_image=2),
     "testB": SplitSpec("testB", 5_000, 300, ("relation", "ordinal"), per_image=2),
     "heldout": SplitSpec("heldout", 6_000, 400, ("category",), single_target_only=True),
+    "train_absent": SplitSpec("train_absent", 7_000, 2_000, REC_KINDS, mirror=("train",)),  # its first 2000
+    "val_absent": SplitSpec("val_absent", 8_000, 300, REC_KINDS, mirror=("val",)),
+    "test_absent": SplitSpec("test_absent", 9_000, 600, REC_KINDS, mirror=("testA", "testB")),
 }
 
 
@@ -51,12 +70,26 @@ SPLITS: dict[str, SplitSpec] = {
 class SyntheticImage:
     index: int
     scene: Scene
-    expressions: tuple[tuple[Expression, tuple[int, ...]], ...]  # (expression, target indices)
+    expressions: tuple[tuple[Expression, tuple[int, ...]], ...]  # (expression, target indices; () if absent)
+
+
+def mirrored_image(spec: SplitSpec, index: int) -> tuple[SplitSpec, int]:
+    """(mirrored split, image index) whose expressions image `index` of an absent-object split takes."""
+    for name in spec.mirror:
+        source = SPLITS[name]
+        if index < source.n_images:
+            return source, index
+        index -= source.n_images
+    raise IndexError(f"{spec.name} has {sum(SPLITS[n].n_images for n in spec.mirror)} images at most")
 
 
 def generate_image(spec: SplitSpec, index: int) -> SyntheticImage:
     """Image `index` of a split with its expressions; deterministic."""
     rng = np.random.default_rng([spec.seed, index])
+    if spec.absent:
+        source = generate_image(*mirrored_image(spec, index))
+        scene, absent = absent_scene([e for e, _ in source.expressions], len(source.scene.objects), rng)
+        return SyntheticImage(index, scene, tuple((e, ()) for e in absent))
     scene = sample_scene(rng)
     if spec.kinds == ("category",):
         pairs = category_queries(scene.objects)
