@@ -13,13 +13,24 @@ requests may wait (queued or in the batch being formed); one more is `QueueFull`
 Retry-After) at once. A request not answered within its timeout is `RequestTimeout` (504); if it
 has not started yet it is dropped from its batch. With `max_batch_size=1` this is a plain
 one-at-a-time queue (batching off).
+
+A batch waits only for company that exists. The caller wraps what a request does before
+`submit` (decoding its image) in `with batcher.on_the_way():`; a batch being formed waits for
+such requests (up to `max_wait_s`), and runs at once when the queue is empty and none is on its
+way, so a lone request pays no batching delay. A request that leaves `on_the_way` without
+submitting (a bad image) wakes the batch instead of letting it wait out `max_wait_s`.
+
+    with batcher.on_the_way():
+        pixels = await decode(image)
+    result = await batcher.submit(pixels, timeout_s=30)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -49,6 +60,8 @@ class MicroBatcher(Generic[T, R]):
         self.run_batch, self.executor, self.metrics = run_batch, executor, metrics
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.retry_after_s = retry_after_s
+        self.coming = 0  # requests on their way to submit(): company worth waiting for
+        self._left_the_way = asyncio.Event()  # set when one of them arrives or gives up
         self._queue: asyncio.Queue[_Waiting[T] | None] = asyncio.Queue()  # bounded by `waiting` at admission
         self.waiting = 0  # admitted, not yet handed to run_batch
         self._task: asyncio.Task | None = None
@@ -110,6 +123,16 @@ class MicroBatcher(Generic[T, R]):
             future.cancel()
             raise
 
+    @contextlib.contextmanager
+    def on_the_way(self) -> Iterator[None]:
+        """Mark a request as coming to `submit` (see the module docstring) while the block runs."""
+        self.coming += 1
+        try:
+            yield
+        finally:
+            self.coming -= 1
+            self._left_the_way.set()
+
     def _admit(self, n: int) -> None:
         self.waiting += n
         self.metrics.queue_depth.set(self.waiting)
@@ -135,16 +158,20 @@ class MicroBatcher(Generic[T, R]):
                 nxt = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self.coming == 0:  # out of time, or nobody else on the way
                     break
+                self._left_the_way.clear()
                 getter = asyncio.ensure_future(self._queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=remaining)
+                woken = asyncio.ensure_future(self._left_the_way.wait())
+                done, _ = await asyncio.wait({getter, woken}, timeout=remaining,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
                 if getter not in done:
                     getter.cancel()
-                    try:  # it may have completed between the timeout and cancel()
+                    try:  # it may have completed between the wait and cancel()
                         nxt = await getter
                     except asyncio.CancelledError:
-                        break
+                        continue  # a request arrived or gave up: look again (queue, time, who is coming)
                 else:
                     nxt = getter.result()
             if nxt is None:

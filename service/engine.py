@@ -170,7 +170,7 @@ class Engine:
         config = ProviderConfig(preferred=tuple(s.providers), fp16=s.fp16,
                                 engine_cache_dir=self._engine_cache_dir(),
                                 min_batch=1, opt_batch=s.max_batch_size, max_batch=top,
-                                intra_op_threads=s.intra_op_threads)
+                                intra_op_threads=s.intra_op_threads, spin_wait=s.spin_wait)
         runtime = GroundingRuntime.load(s.artifact_dir, config, check_hashes=False, warmup=False)  # hashed above
         if s.warmup_batch_sizes or runtime.provider != "CPUExecutionProvider":
             runtime.warmup(s.warmup_sizes)  # sizes set by hand, or device memory that RSS does not show
@@ -295,7 +295,8 @@ class Engine:
                                   "send return_mask=false")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout_s
-        width, height, pixels = await self._timed("decode", self._prepare, image)
+        with self.batcher.on_the_way():  # a batch being formed waits for this request (service.batching)
+            width, height, pixels = await self._timed("decode", self._prepare, image)
         if loop.time() >= deadline:
             raise RequestTimeout(f"decoding took longer than request_timeout_s = {self.request_timeout_s}",
                                  detail={"timeout_s": self.request_timeout_s})

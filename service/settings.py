@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     fp16: bool = Field(True, description="TensorRT fp16 kernels")
     engine_cache_dir: Path | None = Field(None, description="TensorRT engine/timing cache directory")
     intra_op_threads: int | None = Field(None, ge=0, description="onnxruntime threads per graph (None = all cores)")
+    spin_wait: bool = Field(False, description="let onnxruntime's idle intra-op threads spin before sleeping "
+                            "(its own default; off here: on a few cores the spinning takes CPU from decoding, "
+                            "batching and HTTP, benchmarks/service_overhead.py)")
     check_hashes: bool = Field(True, description="verify the sha256 of every artifact file at start")
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=list, description="batch sizes run once before ready (empty = 1, 2 and the batch cap, "

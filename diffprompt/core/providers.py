@@ -56,6 +56,7 @@ class ProviderConfig:
     max_batch: int = 32
     device_id: int = 0
     intra_op_threads: int | None = None
+    spin_wait: bool = True  # onnxruntime's default: idle intra-op threads spin before sleeping
 
     def __post_init__(self) -> None:
         if isinstance(self.preferred, str):
@@ -229,8 +230,8 @@ def share_cpu_arena() -> None:
 
 
 def session_options(config: ProviderConfig) -> onnxruntime.SessionOptions:
-    """Session options: all graph optimisations, the configured intra-op thread count, and the
-    process-wide CPU arena (`share_cpu_arena`) instead of one arena per session."""
+    """Session options: all graph optimisations, the configured intra-op thread count and spinning, and
+    the process-wide CPU arena (`share_cpu_arena`) instead of one arena per session."""
     import onnxruntime
 
     share_cpu_arena()
@@ -239,6 +240,9 @@ def session_options(config: ProviderConfig) -> onnxruntime.SessionOptions:
     options.add_session_config_entry("session.use_env_allocators", "1")
     if config.intra_op_threads is not None:
         options.intra_op_num_threads = config.intra_op_threads
+    if not config.spin_wait:  # idle threads sleep at once: they leave the CPU to the HTTP side of the process
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 
