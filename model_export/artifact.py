@@ -96,18 +96,18 @@ def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
 
 
 def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
-                    tokenizer_file: Path, progress: bool = True) -> Path:
+                    progress: bool = True) -> Path:
     """Write one artifact directory; returns its path."""
     tmp = staging_dir(out)
     try:
-        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress)
+        _write_artifact(tmp, pipeline, steps, name, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return replace_directory(tmp, out)
 
 
-def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str, tokenizer_file: Path,
+def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str,
                     progress: bool) -> None:
     """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
     foundation, learner = pipeline.foundation.eval(), pipeline.learner
@@ -156,7 +156,7 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
     share_weights(tmp, [g.file for g in graphs.values()])
     for gname, module, example, inputs, outputs in jobs:  # check the graphs as they are shipped
         diffs[gname] = _check_graph(tmp / graphs[gname].file, module, example, inputs, outputs)
-    shutil.copy(tokenizer_file, tmp / TOKENIZER_FILE)
+    pipeline.tokenizer.save(tmp)  # tokenizer.json, whichever files the foundation brought it in
 
     cfg = foundation.config
     sampler = None

@@ -25,27 +25,24 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from diffprompt.core.manifest import MANIFEST_FILE
-    from diffprompt.core.tokenizer import TOKENIZER_FILE
     from diffprompt.model_export.artifact import export_pipeline
     from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+    from diffprompt.training.models.pretrained import CONFIG_NAME
 
     torch.set_num_threads(args.threads)
     src = Path(args.pipeline)
     if (src / PIPELINE_FILE).exists():
         pipeline = DiffPromptPipeline.from_pretrained(src)
-        spec = json.loads((src / PIPELINE_FILE).read_text())
-        tokenizer_file = (src / spec["foundation"]).resolve() / TOKENIZER_FILE
-    elif (src / TOKENIZER_FILE).exists():  # a bare foundation
+    elif (src / CONFIG_NAME).exists():  # a bare foundation (its tokenizer: diffprompt.core.tokenizer)
         pipeline = DiffPromptPipeline.foundation_only(src)
-        tokenizer_file = src / TOKENIZER_FILE
     else:
-        raise SystemExit(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation (tokenizer.json)")
+        raise SystemExit(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation ({CONFIG_NAME})")
     name = args.name or src.name
     out_root = Path(args.out)
     diffprompt = pipeline.learner is not None and pipeline.learner.needs_masks
     for steps in (args.steps if diffprompt else [None]):
         out = out_root / (f"{name}-{steps}steps" if steps else name)
-        export_pipeline(pipeline, out, steps, name, tokenizer_file, progress=args.progress)
+        export_pipeline(pipeline, out, steps, name, progress=args.progress)
         manifest = json.loads((out / MANIFEST_FILE).read_text())
         worst = max(manifest["export_max_abs_diff"].values())
         print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "

@@ -15,3 +15,7 @@ class UserError(ValueError):
 
 class OutputExistsError(UserError):
     """An output directory that is not empty, written to without --overwrite."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory is missing files or does not match the architecture."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
+from diffprompt.core.tokenizer import QueryTokenizer
 from diffprompt.training.models.grounding import GroundingModel, GroundingOutput
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents
 from diffprompt.training.models.prompt_dit import PromptDiT
@@ -51,9 +51,10 @@ def foundation_conditions(
 
 
 def load_foundation(directory: str | Path) -> tuple[GroundingModel, QueryTokenizer]:
-    """(model, tokenizer) from a foundation directory (config.json, model.safetensors, tokenizer.json)."""
+    """(model, tokenizer) from a foundation directory: config.json, model.safetensors and tokenizer.json
+    (or vocab.json + merges.txt, as Hugging Face saves a CLIP tokenizer)."""
     model = GroundingModel.from_pretrained(directory)
-    return model, QueryTokenizer.from_file(Path(directory) / TOKENIZER_FILE, model.config.max_text_length)
+    return model, QueryTokenizer.from_file(Path(directory), model.config.max_text_length)
 
 
 def load_dit(directory: str | Path) -> tuple[PromptDiT, object]:

@@ -77,9 +77,13 @@ class GroundingConfig:
     objectness: bool = False  # OWLv2 has an objectness head
     family: str = "embedded"  # "embedded" | "owlvit" | "owlv2": where the weights came from
     resize_mode: str = "pad"  # "pad": pad to square then resize (OWLv2); "stretch": resize (OWL-ViT)
-    resample: str = "bicubic"  # "bicubic" (OWL-ViT, embedded) or "owlv2" (diffprompt.core.images)
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+
+    @property
+    def resample(self) -> str:
+        """Resampling filter of the preprocessing (diffprompt.core.images): OWLv2's own, else PIL bicubic."""
+        return "owlv2" if self.family == "owlv2" else "bicubic"
 
     @property
     def grid_size(self) -> int:
@@ -551,7 +555,6 @@ def _hf_config(d: dict[str, Any]) -> GroundingConfig:
         objectness=family == "owlv2",
         family=family,
         resize_mode="pad" if family == "owlv2" else "stretch",
-        resample="owlv2" if family == "owlv2" else "bicubic",
     )
 
 
