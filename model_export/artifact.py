@@ -9,9 +9,11 @@ the command that writes them: model_export/export.py (`diffprompt export`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -101,6 +103,36 @@ def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, 
     tmp = staging_dir(out)
     try:
         _write_artifact(tmp, pipeline, steps, name, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_directory(tmp, out)
+
+
+def derive_steps(source: Path, pipeline: DiffPromptPipeline, out: Path, steps: int) -> Path:
+    """The same Diff-Prompt artifact at another DDIM step count, sharing `source`'s files.
+
+    Only the manifest depends on the step count (its schedule table and kept outputs): the graphs,
+    weights.bin and tokenizer.json are hard links to `source`'s, so a second step count costs no
+    disk bytes (where the file system cannot link, they are copied). The file hashes stay those of
+    `source`, so both manifests validate.
+    """
+    manifest = Manifest.from_dict(json.loads((source / MANIFEST_FILE).read_text()))
+    if manifest.sampler is None:
+        raise ValueError(f"{source}: has no sampler; only Diff-Prompt artifacts have step counts")
+    sched, learner = pipeline.scheduler, pipeline.learner
+    sampler = dataclasses.replace(manifest.sampler, schedule=tuple(steps_from_table(schedule_table(sched, steps))),
+                                  kept_outputs=tuple(kept_outputs(sched, steps, learner.mask_layers)))
+    tmp = staging_dir(out)
+    try:
+        for name in manifest.files:
+            try:
+                os.link(source / name, tmp / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(source / name, tmp / name)
+        derived = dataclasses.replace(manifest, ddim_steps=steps, sampler=sampler,
+                                      created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(derived.to_dict(), indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,7 +4,8 @@
     # -> artifacts/diffprompt-25steps/, artifacts/diffprompt-5steps/
     diffprompt export ... --triton triton_repo   # + triton_repo/diffprompt-25steps/ (Triton model repository)
 
-Each directory is one deployable model with one fixed DDIM step count: the four graphs of
+Each directory is one deployable model with one fixed DDIM step count (the directories of one
+command share their graph files as hard links: only manifest.json differs): the four graphs of
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
 their weights stored once in `weights.bin` (model_export/shared_weights.py: the foundation runs
 in two graphs but is stored once), `tokenizer.json`, and `manifest.json`
@@ -25,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from diffprompt.core.manifest import MANIFEST_FILE
-    from diffprompt.model_export.artifact import export_pipeline
+    from diffprompt.model_export.artifact import derive_steps, export_pipeline
     from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
     from diffprompt.training.models.pretrained import CONFIG_NAME
 
@@ -40,9 +41,13 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or src.name
     out_root = Path(args.out)
     diffprompt = pipeline.learner is not None and pipeline.learner.needs_masks
+    first = None
     for steps in (args.steps if diffprompt else [None]):
         out = out_root / (f"{name}-{steps}steps" if steps else name)
-        export_pipeline(pipeline, out, steps, name, progress=args.progress)
+        if first is None:
+            first = export_pipeline(pipeline, out, steps, name, progress=args.progress)
+        else:  # the graphs do not depend on the step count: share the first artifact's files
+            derive_steps(first, pipeline, out, steps)
         manifest = json.loads((out / MANIFEST_FILE).read_text())
         worst = max(manifest["export_max_abs_diff"].values())
         print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "
