@@ -34,6 +34,7 @@ from diffprompt.core.manifest import (
     file_entry,
 )
 from diffprompt.core.tokenizer import TOKENIZER_FILE
+from diffprompt.model_export.float16 import PRECISIONS, to_float16
 from diffprompt.model_export.graphs import (
     ConditionEncoder,
     Denoiser,
@@ -98,11 +99,14 @@ def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
 
 
 def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
-                    progress: bool = True) -> Path:
-    """Write one artifact directory; returns its path."""
+                    progress: bool = True, precision: str = "fp32") -> Path:
+    """Write one artifact directory; returns its path. precision "fp16": graphs for GPU providers
+    (model_export/float16.py)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     tmp = staging_dir(out)
     try:
-        _write_artifact(tmp, pipeline, steps, name, progress)
+        _write_artifact(tmp, pipeline, steps, name, progress, precision)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -140,7 +144,7 @@ def derive_steps(source: Path, pipeline: DiffPromptPipeline, out: Path, steps: i
 
 
 def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str,
-                    progress: bool) -> None:
+                    progress: bool, precision: str = "fp32") -> None:
     """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
     foundation, learner = pipeline.foundation.eval(), pipeline.learner
     pixels, ids, mask = example_inputs(pipeline)
@@ -180,6 +184,8 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
     for gname, module, example, inputs, outputs in tqdm(jobs, desc=f"export {name}", disable=not progress):
         path = tmp / f"{gname}.onnx"
         export_onnx(module, example, path, inputs, outputs)
+        if precision == "fp16":
+            to_float16(path)
         with torch.no_grad():
             result = module(*example)
         result = result if isinstance(result, tuple) else (result,)
@@ -215,6 +221,6 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         tokenizer=TokenizerInfo(TOKENIZER_FILE, cfg.max_text_length),
         ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
-        export_max_abs_diff=diffs,
+        export_max_abs_diff=diffs, dtype=PRECISIONS[precision],
     )
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))

@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     for steps in (args.steps if diffprompt else [None]):
         out = out_root / (f"{name}-{steps}steps" if steps else name)
         if first is None:
-            first = export_pipeline(pipeline, out, steps, name, progress=args.progress)
+            first = export_pipeline(pipeline, out, steps, name, progress=args.progress, precision=args.precision)
         else:  # the graphs do not depend on the step count: share the first artifact's files
             derive_steps(first, pipeline, out, steps)
         manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -71,6 +71,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--triton", default=None, metavar="REPO",
                    help="also write a Triton model repository per artifact under REPO (deploy/triton/README.md)")
     p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: float16 weights and compute (float32 inputs / outputs), for CUDA / TensorRT only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
