@@ -55,23 +55,20 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 def run(args) -> dict:
     from diffprompt.core.providers import ProviderConfig
     from diffprompt.core.runtime import GroundingRuntime
-    from diffprompt.core.tokenizer import TOKENIZER_FILE
     from diffprompt.model_export.artifact import export_pipeline
     from diffprompt.training.data.grounding_dataset import load_pixels
     from diffprompt.training.data.mdetr import load_mdetr
-    from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+    from diffprompt.training.models.diffprompt import DiffPromptPipeline
 
     torch.set_num_threads(args.threads)
     pipeline = DiffPromptPipeline.from_pretrained(args.pipeline)
-    spec = json.loads((Path(args.pipeline) / PIPELINE_FILE).read_text())
-    tokenizer_file = (Path(args.pipeline) / spec["foundation"]).resolve() / TOKENIZER_FILE
     samples = list(load_mdetr(Path(args.data_dir) / "val.json"))[: max(args.batch) * 4]
     all_pixels = np.stack([load_pixels(s, pipeline.image_spec) for s in samples])
     all_ids, all_mask = pipeline.tokenizer([s.expression for s in samples])
     report = {"threads": args.threads, "repeats": args.repeats, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for steps in args.steps:
-            art = export_pipeline(pipeline, Path(tmp) / f"a{steps}", steps, "bench", tokenizer_file, progress=False)
+            art = export_pipeline(pipeline, Path(tmp) / f"a{steps}", steps, "bench", progress=False)
             runtime = GroundingRuntime.load(art, ProviderConfig(preferred=("cpu",), intra_op_threads=args.threads))
             pipeline.steps = steps
             for batch in args.batch:

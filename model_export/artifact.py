@@ -9,9 +9,11 @@ the command that writes them: model_export/export.py (`diffprompt export`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from diffprompt.core.manifest import (
 )
 from diffprompt.core.no_match import NoMatchCalibration
 from diffprompt.core.tokenizer import TOKENIZER_FILE
+from diffprompt.model_export.float16 import PRECISIONS, to_float16
 from diffprompt.model_export.graphs import (
     ConditionEncoder,
     Denoiser,
@@ -97,19 +100,54 @@ def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
 
 
 def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
-                    tokenizer_file: Path, progress: bool = True, no_match: NoMatchCalibration | None = None) -> Path:
-    """Write one artifact directory; returns its path. `no_match` goes into the manifest as it is."""
+                    progress: bool = True, precision: str = "fp32",
+                    no_match: NoMatchCalibration | None = None) -> Path:
+    """Write one artifact directory; returns its path. precision "fp16": graphs for GPU providers
+    (model_export/float16.py). `no_match` (a calibration for this step count) goes into the manifest as it is."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     tmp = staging_dir(out)
     try:
-        _write_artifact(tmp, pipeline, steps, name, tokenizer_file, progress, no_match)
+        _write_artifact(tmp, pipeline, steps, name, progress, precision, no_match)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return replace_directory(tmp, out)
 
 
-def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str, tokenizer_file: Path,
-                    progress: bool, no_match: NoMatchCalibration | None = None) -> None:
+def derive_steps(source: Path, pipeline: DiffPromptPipeline, out: Path, steps: int,
+                 no_match: NoMatchCalibration | None = None) -> Path:
+    """The same Diff-Prompt artifact at another DDIM step count, sharing `source`'s files.
+
+    Only the manifest depends on the step count (its schedule table and kept outputs): the graphs,
+    weights.bin and tokenizer.json are hard links to `source`'s, so a second step count costs no
+    disk bytes (where the file system cannot link, they are copied). The file hashes stay those of
+    `source`, so both manifests validate. `no_match` is this step count's calibration (or none).
+    """
+    manifest = Manifest.from_dict(json.loads((source / MANIFEST_FILE).read_text()))
+    if manifest.sampler is None:
+        raise ValueError(f"{source}: has no sampler; only Diff-Prompt artifacts have step counts")
+    sched, learner = pipeline.scheduler, pipeline.learner
+    sampler = dataclasses.replace(manifest.sampler, schedule=tuple(steps_from_table(schedule_table(sched, steps))),
+                                  kept_outputs=tuple(kept_outputs(sched, steps, learner.mask_layers)))
+    tmp = staging_dir(out)
+    try:
+        for name in manifest.files:
+            try:
+                os.link(source / name, tmp / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(source / name, tmp / name)
+        derived = dataclasses.replace(manifest, ddim_steps=steps, sampler=sampler, no_match=no_match,
+                                      created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(derived.to_dict(), indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_directory(tmp, out)
+
+
+def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str,
+                    progress: bool, precision: str = "fp32", no_match: NoMatchCalibration | None = None) -> None:
     """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
     foundation, learner = pipeline.foundation.eval(), pipeline.learner
     pixels, ids, mask = example_inputs(pipeline)
@@ -149,6 +187,8 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
     for gname, module, example, inputs, outputs in tqdm(jobs, desc=f"export {name}", disable=not progress):
         path = tmp / f"{gname}.onnx"
         export_onnx(module, example, path, inputs, outputs)
+        if precision == "fp16":
+            to_float16(path)
         with torch.no_grad():
             result = module(*example)
         result = result if isinstance(result, tuple) else (result,)
@@ -157,7 +197,7 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
     share_weights(tmp, [g.file for g in graphs.values()])
     for gname, module, example, inputs, outputs in jobs:  # check the graphs as they are shipped
         diffs[gname] = _check_graph(tmp / graphs[gname].file, module, example, inputs, outputs)
-    shutil.copy(tokenizer_file, tmp / TOKENIZER_FILE)
+    pipeline.tokenizer.save(tmp)  # tokenizer.json, whichever files the foundation brought it in
 
     cfg = foundation.config
     sampler = None
@@ -184,6 +224,6 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         tokenizer=TokenizerInfo(TOKENIZER_FILE, cfg.max_text_length),
         ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
-        export_max_abs_diff=diffs, no_match=no_match,
+        export_max_abs_diff=diffs, dtype=PRECISIONS[precision], no_match=no_match,
     )
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))

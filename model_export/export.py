@@ -4,7 +4,8 @@
     # -> artifacts/diffprompt-25steps/, artifacts/diffprompt-5steps/
     diffprompt export ... --triton triton_repo   # + triton_repo/diffprompt-25steps/ (Triton model repository)
 
-Each directory is one deployable model with one fixed DDIM step count: the four graphs of
+Each directory is one deployable model with one fixed DDIM step count (the directories of one
+command share their graph files as hard links: only manifest.json differs): the four graphs of
 model_export/graphs.py (`foundation-only` and baseline pipelines have just `grounding.onnx`),
 their weights stored once in `weights.bin` (model_export/shared_weights.py: the foundation runs
 in two graphs but is stored once), `tokenizer.json`, and `manifest.json`
@@ -30,26 +31,23 @@ def main(args: argparse.Namespace) -> int:
 
     from diffprompt.core.manifest import MANIFEST_FILE
     from diffprompt.core.no_match import calibration_file, read_calibration
-    from diffprompt.core.tokenizer import TOKENIZER_FILE
-    from diffprompt.model_export.artifact import export_pipeline
+    from diffprompt.model_export.artifact import derive_steps, export_pipeline
     from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, weights_fingerprint
-    from diffprompt.training.models.pretrained import CheckpointError
+    from diffprompt.training.models.pretrained import CONFIG_NAME, CheckpointError
 
     torch.set_num_threads(args.threads)
     src = Path(args.pipeline)
     if (src / PIPELINE_FILE).exists():
         pipeline = DiffPromptPipeline.from_pretrained(src)
-        spec = json.loads((src / PIPELINE_FILE).read_text())
-        tokenizer_file = (src / spec["foundation"]).resolve() / TOKENIZER_FILE
-    elif (src / TOKENIZER_FILE).exists():  # a bare foundation
+    elif (src / CONFIG_NAME).exists():  # a bare foundation (its tokenizer: diffprompt.core.tokenizer)
         pipeline = DiffPromptPipeline.foundation_only(src)
-        tokenizer_file = src / TOKENIZER_FILE
     else:
         raise CheckpointError(f"{src}: neither a pipeline directory ({PIPELINE_FILE}) nor a foundation "
-                              f"({TOKENIZER_FILE})" + ("" if src.is_dir() else ": no such directory"))
+                              f"({CONFIG_NAME})" + ("" if src.is_dir() else ": no such directory"))
     name = args.name or src.name
     out_root = Path(args.out)
     diffprompt = pipeline.learner is not None and pipeline.learner.needs_masks
+    first = None
     for steps in (args.steps if diffprompt else [None]):
         out = out_root / (f"{name}-{steps}steps" if steps else name)
         no_match = read_calibration(src, steps)
@@ -57,7 +55,11 @@ def main(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{src / calibration_file(steps)}: fitted on other weights than {src} holds now; "
                                   f"refit it: diffprompt calibrate --checkpoint {src}"
                                   + (f" --ddim-steps {steps}" if steps else "") + " --overwrite")
-        export_pipeline(pipeline, out, steps, name, tokenizer_file, progress=args.progress, no_match=no_match)
+        if first is None:
+            first = export_pipeline(pipeline, out, steps, name, progress=args.progress, precision=args.precision,
+                                    no_match=no_match)
+        else:  # the graphs do not depend on the step count: share the first artifact's files
+            derive_steps(first, pipeline, out, steps, no_match=no_match)
         manifest = json.loads((out / MANIFEST_FILE).read_text())
         worst = max(manifest["export_max_abs_diff"].values())
         print(f"wrote {out} ({manifest['model_version']}, {len(manifest['graphs'])} graphs, "
@@ -82,6 +84,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--triton", default=None, metavar="REPO",
                    help="also write a Triton model repository per artifact under REPO (deploy/triton/README.md)")
     p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: float16 weights and compute (float32 inputs / outputs), for CUDA / TensorRT only")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p

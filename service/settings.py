@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     check_hashes: bool = Field(True, description="verify the sha256 of every artifact file at start")
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=list, description="batch sizes run once before ready (empty = 1, 2 and the batch cap, "
-        "measured against free memory)")
+        "measured against free memory; the cap only when it runs in seconds)")
 
     # -- batching and back-pressure --------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=1024, description="most requests in one runtime.ground call "

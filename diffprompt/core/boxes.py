@@ -36,3 +36,13 @@ def pixels_to_normalized(boxes_xyxy: np.ndarray, width: int, height: int, resize
     xyxy = np.asarray(boxes_xyxy, dtype=np.float32) / input_scale(width, height, resize_mode)
     x0, y0, x1, y1 = np.moveaxis(xyxy, -1, 0)
     return np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+
+
+def on_image(boxes_xyxy: np.ndarray, min_side: float = 0.01) -> np.ndarray:
+    """(..., 4) clipped xyxy pixels -> (...) bool: the box keeps at least `min_side` px of width and height.
+
+    In pad mode a box predicted wholly inside the padding clips to a zero-area sliver on the image's
+    edge; such boxes are dropped rather than reported (one partly on the image keeps its visible part).
+    """
+    xyxy = np.asarray(boxes_xyxy)
+    return ((xyxy[..., 2] - xyxy[..., 0]) >= min_side) & ((xyxy[..., 3] - xyxy[..., 1]) >= min_side)

@@ -22,6 +22,10 @@ class OutputExistsError(UserError):
     """An output directory that is not empty, written to without --overwrite."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint directory is missing files or does not match the architecture."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file the user named, or one a directory they named must hold, does not exist."""
 

@@ -53,6 +53,9 @@ class GroundingRuntime:
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"{directory / graph.file}: onnxruntime cannot load it ({e})") from e
         runtime = cls(directory, manifest, sessions, providers)
+        if manifest.dtype == "float16" and "CPUExecutionProvider" in runtime.providers_in_use.values():
+            raise ArtifactError(f"{directory}: a float16 artifact runs on CUDA / TensorRT only, and "
+                                f"{runtime.describe()} has none here (export with --precision fp32 for CPU)")
         if warmup:
             runtime.warmup()
         return runtime

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from diffprompt.core.boxes import boxes_to_pixels, pixels_to_normalized
+from diffprompt.core.errors import CheckpointError
 from diffprompt.core.images import preprocess_image
 from diffprompt.core.tokenizer import QueryTokenizer
 from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
@@ -34,7 +35,7 @@ def test_unknown_words_and_truncation_keep_eos():
 
 
 def test_missing_tokenizer_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
         QueryTokenizer.from_file(tmp_path)
 
 

@@ -74,6 +74,19 @@ def test_the_foundation_is_stored_once(artifacts, tiny_pipeline_dir):
     assert graph_bytes < foundation_bytes  # before sharing, each of the two held more than the foundation
 
 
+def test_step_counts_of_one_export_share_their_files(artifacts):
+    """--steps 5 3: one set of graph files (hard links), two manifests, both hashes valid."""
+    five, three = artifacts / "tiny-5steps", artifacts / "tiny-3steps"
+    shared = sorted(p.name for p in five.iterdir() if p.name != MANIFEST_FILE)
+    assert shared == sorted(p.name for p in three.iterdir() if p.name != MANIFEST_FILE)
+    for name in shared:
+        assert (five / name).stat().st_ino == (three / name).stat().st_ino, name  # the same bytes on disk, once
+    m5, m3 = validate_artifact(five, True), validate_artifact(three, True)
+    assert (m5.ddim_steps, m3.ddim_steps) == (5, 3)
+    assert len(m5.sampler.schedule) == 5 and len(m3.sampler.schedule) == 3
+    assert m5.files == m3.files and m5.graphs == m3.graphs
+
+
 @pytest.mark.parametrize("steps", [5, 3])
 def test_onnxruntime_matches_pytorch(artifacts, tiny_pipeline_dir, steps):
     runtime = GroundingRuntime.load(artifacts / f"tiny-{steps}steps", CPU)

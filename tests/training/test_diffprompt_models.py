@@ -490,3 +490,28 @@ def test_conditions_come_from_the_unprompted_foundation(tiny_pipeline):
     torch.testing.assert_close(cond["image_tokens"], image.tokens)
     assert set(foundation_conditions(tiny_pipeline.foundation, pixels, ids, mask, tokens=False)) == {
         "image_embed", "text_embed"}
+
+
+def test_a_pipeline_directory_holds_its_parts_and_moves_as_one(tiny_pipeline_dir, tmp_path):
+    """write_pipeline_file links the foundation, Mask-VAE and DiT into the directory: move it, it still loads."""
+    import shutil
+
+    from diffprompt.training.models.diffprompt import PIPELINE_FILE, write_pipeline_file
+
+    parts = tiny_pipeline_dir.parent
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in ("config.json", "model.safetensors"):  # the learner
+        shutil.copy(tiny_pipeline_dir / name, first / name)
+    write_pipeline_file(first, parts / "foundation", parts / "vae", parts / "dit")
+    spec = json.loads((first / PIPELINE_FILE).read_text())
+    assert spec == {"foundation": "foundation", "mask_vae": "mask_vae", "prompt_dit": "prompt_dit"}
+    weights = first / "foundation" / "model.safetensors"
+    assert weights.stat().st_ino == (parts / "foundation" / "model.safetensors").stat().st_ino  # linked, not copied
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(first), moved)
+    pipe = DiffPromptPipeline.from_pretrained(moved, steps=5)
+    assert pipe.dit is not None and pipe.vae is not None
+    write_pipeline_file(moved, moved / "foundation", moved / "mask_vae", moved / "prompt_dit")  # rewriting in place
+    assert DiffPromptPipeline.from_pretrained(moved, steps=5).learner is not None

@@ -7,8 +7,9 @@
     grounding    the foundation with the PromptLearner's prompts -> ranked boxes
 
 A pipeline directory (what `diffprompt train-prompts` writes) holds the learner
-(`config.json`, `model.safetensors`) and `pipeline.json` naming the foundation, the Mask-VAE
-and the DiT directories (relative paths are resolved from the pipeline directory). Baselines
+(`config.json`, `model.safetensors`), its parts in `foundation/`, `mask_vae/` and `prompt_dit/`
+(hard links to the stages' checkpoints: self-contained, `write_pipeline_file`) and
+`pipeline.json` naming them (relative paths are resolved from the pipeline directory). Baselines
 are pipelines without VAE and DiT. Every model loads with its class's `from_pretrained`
 (training/models/pretrained.py); a foundation directory also holds `tokenizer.json`.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 
 from diffprompt.core.errors import read_json_object
 from diffprompt.core.manifest import sha256_file
-from diffprompt.core.tokenizer import TOKENIZER_FILE, QueryTokenizer
+from diffprompt.core.tokenizer import QueryTokenizer
 from diffprompt.training.models.grounding import GroundingModel, GroundingOutput
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents
 from diffprompt.training.models.pretrained import CheckpointError
@@ -55,9 +57,10 @@ def foundation_conditions(
 
 
 def load_foundation(directory: str | Path) -> tuple[GroundingModel, QueryTokenizer]:
-    """(model, tokenizer) from a foundation directory (config.json, model.safetensors, tokenizer.json)."""
+    """(model, tokenizer) from a foundation directory: config.json, model.safetensors and tokenizer.json
+    (or vocab.json + merges.txt, as Hugging Face saves a CLIP tokenizer)."""
     model = GroundingModel.from_pretrained(directory)
-    return model, QueryTokenizer.from_file(Path(directory) / TOKENIZER_FILE, model.config.max_text_length)
+    return model, QueryTokenizer.from_file(Path(directory), model.config.max_text_length)
 
 
 def load_dit(directory: str | Path) -> tuple[PromptDiT, object]:
@@ -145,11 +148,38 @@ def weights_fingerprint(directory: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _link_part(source: Path, target: Path) -> None:
+    """Every file of checkpoint directory `source` into `target`: hard links (no bytes), copies across file systems."""
+    target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(source.iterdir()):
+        if not f.is_file():
+            continue
+        dest = target / f.name
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(f, dest)
+        except OSError:
+            shutil.copy2(f, dest)
+
+
 def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None, prompt_dit: Path | None,
                         relative_to: Path | None = None) -> None:
-    """pipeline.json in `directory`, with paths relative to `relative_to` (default: `directory`), the
-    pipeline's final place, so the checkpoint tree can move as a whole."""
-    base = Path(relative_to or directory).resolve()
-    rel = lambda p: os.path.relpath(Path(p).resolve(), base) if p else None
-    spec = {"foundation": rel(foundation), "mask_vae": rel(mask_vae), "prompt_dit": rel(prompt_dit)}
+    """pipeline.json in `directory`, with its parts inside it, so the directory moves and copies as one.
+
+    The parts' files go to `directory/foundation/`, `mask_vae/` and `prompt_dit/` as hard links (on
+    the same file system they take no extra bytes; elsewhere they are copied) and pipeline.json
+    names those sub-directories. `relative_to` is accepted for callers that wrote paths relative to
+    a final directory; with the parts inside it is not needed. Pipelines written before keep loading
+    (their relative paths such as "../foundation" are resolved from the pipeline directory).
+    """
+    directory = Path(directory)
+    spec = {}
+    for key, part in (("foundation", foundation), ("mask_vae", mask_vae), ("prompt_dit", prompt_dit)):
+        if part is None:
+            spec[key] = None
+            continue
+        inside = directory / key
+        if Path(part).resolve() != inside.resolve():
+            _link_part(Path(part), inside)
+        spec[key] = key
     (directory / PIPELINE_FILE).write_text(json.dumps(spec, indent=2))

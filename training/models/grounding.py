@@ -81,6 +81,11 @@ class GroundingConfig:
     image_std: tuple[float, float, float] = CLIP_STD
 
     @property
+    def resample(self) -> str:
+        """Resampling filter of the preprocessing (diffprompt.core.images): OWLv2's own, else PIL bicubic."""
+        return "owlv2" if self.family == "owlv2" else "bicubic"
+
+    @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 

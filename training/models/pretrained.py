@@ -38,16 +38,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffprompt.core.errors import UserError
+from diffprompt.core.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 OLD_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' layout, before this module
 CONVERT_COMMAND = "python scripts/convert_checkpoints.py"
-
-
-class CheckpointError(UserError):
-    """A checkpoint directory is missing files or does not match the architecture."""
 
 
 # ----------------------------------------------------------------------------- config files
