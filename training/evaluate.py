@@ -22,11 +22,13 @@ import argparse
 import json
 from pathlib import Path
 
+from diffprompt.training.options import add_image_root_arg
+
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.data.mdetr import load_split
     from diffprompt.training.evaluation.rec import evaluate_samples
     from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, load_foundation
 
@@ -54,9 +56,9 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("nothing to evaluate: give --split and/or --json")
     report = {}
     for name, path in datasets:
-        samples = list(load_mdetr(path))[: args.limit]
-        acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, progress=args.progress,
-                               seed=args.seed)
+        samples = load_split(path, args.image_root, args.limit)
+        acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, batch_size=args.batch_size,
+                               progress=args.progress, seed=args.seed)
         print(f"\n{name} ({path}, {len(samples)} expressions, {args.criterion.upper()} >= 0.5)")
         print(acc.format_table())
         report[name] = [row.as_dict() for row in acc.summary()]
@@ -76,6 +78,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--split", nargs="*", default=[], help="synthetic split names (val, testA, testB, heldout, ...)")
     p.add_argument("--json", nargs="*", default=[], help="MDETR-style json files")
     p.add_argument("--data-dir", default="data/synthetic")
+    add_image_root_arg(p)
+    p.add_argument("--batch-size", type=int, default=64, help="expressions per forward pass (lower it for big models)")
     p.add_argument("--criterion", default="iou", choices=["iou", "giou"])
     p.add_argument("--ddim-steps", type=int, default=25, help="Diff-Prompt sampling steps")
     p.add_argument("--seed", type=int, default=0, help="Diff-Prompt noise seed (per expression: seed, sample id)")

@@ -12,11 +12,24 @@ import argparse
 
 def add_data_args(p: argparse.ArgumentParser, train: str = "train", val: str = "val",
                   val_limit: int | None = None) -> None:
-    """--data-dir, --train-json, --val-json, --val-limit; `train` / `val` name the default synthetic splits."""
+    """--data-dir, --train-json, --val-json, --image-root, --val-limit, --workers, --cache-dir; `train` /
+    `val` name the default synthetic splits."""
     p.add_argument("--data-dir", default="data/synthetic", help="synthetic splits (written here if missing)")
     p.add_argument("--train-json", default=None, help=f"MDETR-style train json (default: synthetic {train})")
     p.add_argument("--val-json", default=None, help=f"MDETR-style val json (default: synthetic {val})")
+    add_image_root_arg(p)
     p.add_argument("--val-limit", type=int, default=val_limit, help="validate on the first N expressions only")
+    p.add_argument("--workers", type=int, default=1,
+                   help="DataLoader processes decoding and resizing images batch by batch (0 = in the main process)")
+    p.add_argument("--cache-dir", default=None,
+                   help="what the frozen models compute (conditions, sampled masks), on disk and keyed by the "
+                        "weights' and the data's hashes (default: <data-dir>/.cache)")
+
+
+def add_image_root_arg(p: argparse.ArgumentParser) -> None:
+    """--image-root: where the image files of the json files live (RefCOCO: COCO's train2014/)."""
+    p.add_argument("--image-root", default=None,
+                   help="directory of the images the json files name (default: each json's own folder)")
 
 
 def add_run_args(p: argparse.ArgumentParser, output: str) -> None:
