@@ -55,6 +55,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="expressions per forward/backward pass: gradients of the batch's micro-batches accumulate "
                         "into one optimizer step, the same as the whole batch at once (default: --batch-size)")
+    p.add_argument("--frozen-batch-size", type=int, default=None,
+                   help="expressions per pass of the frozen models when sampling masks and validating "
+                        "(default: 128 and 64; lower it for big foundations)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen towers' layer activations in backward: memory of one layer at a time")
     p.add_argument("--lr", type=float, default=2e-3)

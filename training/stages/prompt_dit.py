@@ -62,7 +62,8 @@ def cached_conditions(run: StageRunner, args: argparse.Namespace, foundation, to
 
     def compute() -> None:
         cached_rows(directory, len(data), lambda: compute_conditions(
-            foundation, tokenizer, data, tokens, progress=progress, workers=args.workers), dtype=args.cache_dtype)
+            foundation, tokenizer, data, tokens, batch_size=args.frozen_batch_size, progress=progress,
+            workers=args.workers), dtype=args.cache_dtype)
 
     run.main_first(compute)
     return RowArrays(directory)

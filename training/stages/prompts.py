@@ -77,7 +77,8 @@ def sampled_masks(run: StageRunner, args: argparse.Namespace, pipeline: DiffProm
         shutil.rmtree(directory, ignore_errors=True)  # too few layers: sample again
         t = time.time()
         cached_rows(directory, len(data), lambda: generated_masks(
-            pipeline, data, ids, mask, args.seed, progress=args.progress, workers=args.workers))
+            pipeline, data, ids, mask, args.seed, batch_size=args.frozen_batch_size or 128, progress=args.progress,
+            workers=args.workers))
         run.log.info(f"sampled {n} prompt masks per expression with {args.ddim_steps} DDIM steps "
                      f"({time.time() - t:.0f}s) into {directory}")
 
@@ -190,7 +191,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             entry = {"epoch": epoch + 1, "loss": loss_mean, "seconds": time.time() - t0}
             if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
                 learner.eval()
-                acc = evaluate_samples(pipeline, tokenizer, val_samples, progress=False, seed=args.seed)
+                acc = evaluate_samples(pipeline, tokenizer, val_samples, batch_size=args.frozen_batch_size or 64,
+                                       progress=False, seed=args.seed)
                 entry["val_R@1"] = acc.summary()[-1]["R@1"]
             history.append(entry)
             log.info(f"epoch {epoch + 1}/{args.epochs} " + " ".join(
