@@ -123,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="stage-2 DiT steps after the conditions")
     p.add_argument("--owlvit", action="store_true", help="also stage 2 on a 768 px OWL-ViT, 1024 expressions")
     p.add_argument("--owlv2-stage3", action="store_true", help="also stage 3 on a full-size OWLv2 B/16 (minutes)")
+    p.add_argument("--stage3-batch", type=int, default=32,
+                   help="stage 3's batch (= train expressions: one optimizer step), in micro-batches of 2")
+    p.add_argument("--skip-stage2", action="store_true", help="only the --owlvit / --owlv2-stage3 runs")
     args = p.parse_args(argv)
     work = args.work.absolute()
     data = ensure_data(work)
     annotations = work / "annotations"
     val = subset(data, "val", 64, annotations)
     rows = {}
-    for n in args.sizes:
+    for n in [] if args.skip_stage2 else args.sizes:
         rows[f"stage 2, embedded default, {n} expressions"] = stage2(
             work, f"embedded_{n}", str(REPO / "checkpoints/foundation"), subset(data, "train", n, annotations), val,
             data, args.steps)
@@ -148,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         root = work / "owlv2"
         if not (root / "diffprompt" / "pipeline.json").exists():
             build_random_owl_pipeline(root, "owlv2")
-        rows["stage 3, OWLv2 B/16 960 px, batch 32 = 16 x 2, checkpointing"] = measure(
+        name = f"stage 3, OWLv2 B/16 960 px, batch {args.stage3_batch} = {args.stage3_batch // 2} x 2, checkpointing"
+        rows[name] = measure(
             ["train-prompts", "--method", "diffprompt", "--foundation", str(root / "foundation"),
              "--mask-vae", str(root / "vae"), "--prompt-dit", str(root / "dit"),
-             "--train-json", str(subset(data, "train", 32, annotations)),
+             "--train-json", str(subset(data, "train", args.stage3_batch, annotations)),
              "--val-json", str(subset(data, "val", 32, annotations)), "--image-root", str(data),
-             "--epochs", "1", "--batch-size", "32", "--micro-batch-size", "2", "--gradient-checkpointing",
+             "--epochs", "1", "--batch-size", str(args.stage3_batch), "--micro-batch-size", "2",
+             "--gradient-checkpointing",
              "--frozen-batch-size", "2", "--ddim-steps", "5", "--eval-every", "0", "--precision", "fp32",
              "--cache-dir", str(work / "cache" / "owlv2_stage3"), "--run-root", str(work / "runs"),
              "--output", str(work / "out" / "owlv2_stage3"), "--overwrite", "--no-progress"],
@@ -161,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | peak RSS (MB) | peak RSS with workers (MB) | seconds |\n|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['peak_rss_mb']:.0f} | {r['peak_tree_rss_mb']:.0f} | {r['seconds']:.0f} |")
-    small, large = (rows[f"stage 2, embedded default, {n} expressions"] for n in args.sizes)
-    ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
-    print(f"\nstage 2, {args.sizes[1]} vs {args.sizes[0]} expressions: peak RSS x{ratio:.2f} "
-          f"(data x{args.sizes[1] / args.sizes[0]:.0f})")
-    (work / "stage2_memory.json").write_text(json.dumps(rows, indent=2))
+    if not args.skip_stage2:
+        small, large = (rows[f"stage 2, embedded default, {n} expressions"] for n in args.sizes)
+        ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+        print(f"\nstage 2, {args.sizes[1]} vs {args.sizes[0]} expressions: peak RSS x{ratio:.2f} "
+              f"(data x{args.sizes[1] / args.sizes[0]:.0f})")
+    out = work / "stage2_memory.json"
+    out.write_text(json.dumps({**(json.loads(out.read_text()) if out.exists() else {}), **rows}, indent=2))
     return 0
 
 

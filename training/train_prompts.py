@@ -55,6 +55,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="expressions per forward/backward pass: gradients of the batch's micro-batches accumulate "
                         "into one optimizer step, the same as the whole batch at once (default: --batch-size)")
+    p.add_argument("--pixel-cache", default="auto", choices=["auto", "on", "off"],
+                   help="decode the train images once into float16 rows under --cache-dir and read each batch "
+                        "from there (auto: when those take at most 4 GB, e.g. the 128 px synthetic split); "
+                        "off: decode each batch's images as it comes")
     p.add_argument("--frozen-batch-size", type=int, default=None,
                    help="expressions per pass of the frozen models when sampling masks and validating "
                         "(default: 128 and 64; lower it for big foundations)")

@@ -93,9 +93,10 @@ def test_each_baseline_trains_and_only_its_parameters_change(method, stages, sma
 
 @pytest.mark.slow
 def test_stage3_under_torchrun_two_gloo_processes(stages, small_world, tmp_path):
+    """Two ranks, each accumulating its batch of 4 over micro-batches of 2 (DDP syncs on the last)."""
     root, _ = stages
     proc = run_torchrun(["-m", "diffprompt.training.train_prompts", "--method", "diffprompt", "--epochs", "1",
-                         "--batch-size", "4", "--ddim-steps", "5", "--eval-every", "0",
+                         "--batch-size", "4", "--micro-batch-size", "2", "--ddim-steps", "5", "--eval-every", "0",
                          "--foundation", str(root / "foundation"),
                          "--mask-vae", str(root / "vae"), "--prompt-dit", str(root / "dit"), "--output",
                          str(tmp_path / "dp"), "--data-dir", str(small_world), "--run-root", str(tmp_path / "runs"),

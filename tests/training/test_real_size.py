@@ -43,7 +43,7 @@ def test_stages_2_and_3_train_a_768px_owl_vit_from_annotations_apart_from_their_
     assert cli.main(["train-prompts", "--method", "diffprompt", "--foundation", str(foundation),
                      "--mask-vae", str(REPO / "checkpoints/mask_vae"), "--prompt-dit", str(root / "dit"),
                      "--depth", "2", "--epochs", "1", "--batch-size", "8", "--micro-batch-size", "4",
-                     "--gradient-checkpointing", "--ddim-steps", "2", "--eval-every", "0",
+                     "--gradient-checkpointing", "--pixel-cache", "off", "--ddim-steps", "2", "--eval-every", "0",
                      "--output", str(root / "dp"), *args]) == 0
     summary = json.loads((root / "dp" / "training_summary.json").read_text())
     assert summary["history"][-1]["epoch"] == 1 and summary["args"]["micro_batch_size"] == 4

@@ -24,6 +24,7 @@ from diffprompt.core.images import mask_to_input_frame
 from diffprompt.training.data.grounding_dataset import load_pixels
 from diffprompt.training.data.masks import rle_to_mask
 from diffprompt.training.data.records import DatasetError, GroundingSample
+from diffprompt.training.data.row_cache import RowFile, cached_rows
 
 
 def target_mask(sample: GroundingSample, size: int, resize_mode: str) -> np.ndarray:
@@ -47,6 +48,7 @@ class RecArrays:
     masks: torch.Tensor  # (N, m, m) bool, target masks in the input square
     boxes: list[torch.Tensor]  # N x (K, 4) cxcywh normalised to the input square
     spec: ImageSpec | None = None  # the foundation's input: what `pixel_batches` decodes to
+    pixel_rows: RowFile | None = None  # (N, 3, S, S) float16 decoded once on disk (`cache_pixels`), if any
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -60,6 +62,10 @@ class RecArrays:
         if self.spec is None:
             raise ValueError("these RecArrays were loaded without an image spec: no pixels")
         batches = [np.asarray(b) for b in batches]
+        if self.pixel_rows is not None:
+            for b in batches:
+                yield torch.from_numpy(self.pixel_rows[b]).float()
+            return
         if not batches:
             return
         loader = DataLoader(_Pixels(self.samples, self.spec), batch_sampler=batches, num_workers=workers,
@@ -94,6 +100,24 @@ class _Pixels(Dataset):
 def _stack_or_error(items: list) -> torch.Tensor | DatasetError:
     errors = [it for it in items if isinstance(it, DatasetError)]
     return errors[0] if errors else torch.stack(items)
+
+
+def pixel_bytes(data: RecArrays) -> int:
+    """Bytes of the split's pixels at the model's input size in float16."""
+    return len(data) * 3 * data.spec.image_size**2 * 2
+
+
+def cache_pixels(data: RecArrays, directory: Path, workers: int = 0, progress: bool = False) -> None:
+    """Decode every image once into `directory` (float16 rows, data/row_cache.py) and read batches from
+    there from now on: for small splits read many times (stage 3's epochs at 128 px), where decoding
+    per batch would cost more than reading."""
+    def decode():
+        batches = data.sequential_batches(256)
+        for pixels in tqdm(data.pixel_batches(batches, workers), total=len(batches), desc="decoding images",
+                           disable=not progress, leave=False):
+            yield {"pixels": pixels.half().numpy()}
+
+    data.pixel_rows = cached_rows(directory, len(data), decode).files["pixels"]
 
 
 def load_rec_arrays(

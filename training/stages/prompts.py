@@ -25,7 +25,7 @@ from tqdm import tqdm
 from diffprompt.core.errors import UserError
 from diffprompt.core.image_spec import ImageSpec
 from diffprompt.training.data.mdetr import load_split
-from diffprompt.training.data.rec_arrays import RecArrays, data_digest, load_rec_arrays
+from diffprompt.training.data.rec_arrays import RecArrays, cache_pixels, data_digest, load_rec_arrays, pixel_bytes
 from diffprompt.training.data.row_cache import RowArrays, RowFile, cached_rows, file_digest
 from diffprompt.training.evaluation.rec import evaluate_samples, sample_seed
 from diffprompt.training.losses import DetectionTargets, detection_loss, match
@@ -86,6 +86,9 @@ def sampled_masks(run: StageRunner, args: argparse.Namespace, pipeline: DiffProm
     return RowArrays(directory).files["masks"]
 
 
+PIXEL_CACHE_AUTO_BYTES = 4 << 30  # --pixel-cache auto: splits whose float16 pixels take at most this on disk
+
+
 def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
     """torch's OneCycleLR with 10% warm-up. At exactly 10 steps torch's warm-up phase would end on
     step 0 and it divides by its length (zero): there, 2 steps warm up instead. Every other length
@@ -132,6 +135,10 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
                                  progress=args.progress)
     val_samples = load_split(val_json, args.image_root, args.val_limit)
     ids, mask = (torch.from_numpy(a) for a in tokenizer([s.expression for s in train_data.samples]))
+    if args.pixel_cache == "on" or (args.pixel_cache == "auto" and pixel_bytes(train_data) <= PIXEL_CACHE_AUTO_BYTES):
+        directory = cache_dir(args) / f"pixels-{data_digest(train_data.samples, spec)}"
+        run.main_first(lambda: cache_pixels(train_data, directory, args.workers, args.progress))
+        cache_pixels(train_data, directory)  # every rank reads what rank 0 wrote
     masks = sampled_masks(run, args, pipeline, train_data, ids, mask) if learner.needs_masks else None
     n_trainable = sum(p.numel() for p in learner.parameters())
     log.info(f"run {run.run_dir}: method {args.method}, {len(train_data)} train expressions, {len(val_samples)} val, "
