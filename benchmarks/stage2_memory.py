@@ -107,7 +107,7 @@ def subset(data: Path, split: str, n: int, out: Path) -> Path:
 
 
 def stage2(work: Path, name: str, foundation: str, train: Path, val: Path, image_root: Path, steps: int,
-           extra: list[str] = ()) -> dict:
+           extra: list[str]) -> dict:
     return measure(["train-dit", "--foundation", foundation, "--mask-vae", str(REPO / "checkpoints/mask_vae"),
                     "--train-json", str(train), "--val-json", str(val), "--image-root", str(image_root),
                     "--steps", str(steps), "--eval-every", str(steps), "--eval-steps", "5",
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True, help="data, caches, outputs and logs go here")
     p.add_argument("--sizes", type=int, nargs=2, default=[1000, 8000], help="the two train split sizes")
     p.add_argument("--steps", type=int, default=20, help="stage-2 DiT steps after the conditions")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--owlvit", action="store_true", help="also stage 2 on a 768 px OWL-ViT, 1024 expressions")
     p.add_argument("--owlv2-stage3", action="store_true", help="also stage 3 on a full-size OWLv2 B/16 (minutes)")
     p.add_argument("--stage3-batch", type=int, default=32,
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in [] if args.skip_stage2 else args.sizes:
         rows[f"stage 2, embedded default, {n} expressions"] = stage2(
             work, f"embedded_{n}", str(REPO / "checkpoints/foundation"), subset(data, "train", n, annotations), val,
-            data, args.steps)
+            data, args.steps, ["--threads", str(args.threads)])
     if args.owlvit:
         from benchmarks.owl_scale import build_random_owl_foundation
 
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             build_random_owl_foundation(owl, "owlvit", layers=2)
         rows["stage 2, OWL-ViT B/32 768 px 2 layers, 1024 expressions"] = stage2(
             work, "owlvit_1024", str(owl), subset(data, "train", 1024, annotations),
-            subset(data, "val", 32, annotations), data, 5, ["--cache-dtype", "float16", "--frozen-batch-size", "16"])
+            subset(data, "val", 32, annotations), data, 5,
+            ["--cache-dtype", "float16", "--frozen-batch-size", "16", "--threads", str(args.threads)])
     if args.owlv2_stage3:
         from benchmarks.owl_scale import build_random_owl_pipeline
 
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
              "--gradient-checkpointing",
              "--frozen-batch-size", "2", "--ddim-steps", "5", "--eval-every", "0", "--precision", "fp32",
              "--cache-dir", str(work / "cache" / "owlv2_stage3"), "--run-root", str(work / "runs"),
-             "--output", str(work / "out" / "owlv2_stage3"), "--overwrite", "--no-progress"],
+             "--output", str(work / "out" / "owlv2_stage3"), "--overwrite", "--no-progress",
+             "--threads", str(args.threads)],
             work / "owlv2_stage3.log")
     print("| run | peak RSS (MB) | peak RSS with workers (MB) | seconds |\n|---|---|---|---|")
     for name, r in rows.items():

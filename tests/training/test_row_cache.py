@@ -102,3 +102,16 @@ def test_an_unreadable_image_is_one_error_naming_the_file(small_world, tmp_path,
     with pytest.raises(DatasetError, match=f"{broken}: cannot read image") as e:
         list(data.pixel_batches([np.arange(3)], workers))
     assert "Traceback" not in str(e.value)
+
+
+def test_pixels_cached_once_on_disk_are_the_pixels_decoded_per_batch(small_world, tmp_path):
+    from diffprompt.training.data.rec_arrays import cache_pixels
+
+    samples = list(load_mdetr(small_world / "val.json"))[:5]
+    streamed = load_rec_arrays(samples, SPEC, 16, progress=False)
+    cached = load_rec_arrays(samples, SPEC, 16, progress=False)
+    cache_pixels(cached, tmp_path / "pixels")
+    assert cached.pixel_rows is not None and cached.pixel_rows.shape == (5, 3, 64, 64)
+    batches = [np.array([4, 1]), np.array([0, 2, 3])]
+    for a, b in zip(streamed.pixel_batches(batches), cached.pixel_batches(batches)):
+        assert torch.equal(a, b)
