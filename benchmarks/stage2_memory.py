@@ -116,6 +116,20 @@ def stage2(work: Path, name: str, foundation: str, train: Path, val: Path, image
                    work / f"{name}.log")
 
 
+class Results(dict):
+    """{run: numbers}, rewritten to `path` (merged with what is there) after every run: a long benchmark
+    stopped half way keeps what it measured."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        super().__setitem__(key, value)
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.path.write_text(json.dumps({**old, **self}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="data, caches, outputs and logs go here")
@@ -132,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     data = ensure_data(work)
     annotations = work / "annotations"
     val = subset(data, "val", 64, annotations)
-    rows = {}
+    rows = Results(work / "stage2_memory.json")
     for n in [] if args.skip_stage2 else args.sizes:
         rows[f"stage 2, embedded default, {n} expressions"] = stage2(
             work, f"embedded_{n}", str(REPO / "checkpoints/foundation"), subset(data, "train", n, annotations), val,
@@ -174,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
         print(f"\nstage 2, {args.sizes[1]} vs {args.sizes[0]} expressions: peak RSS x{ratio:.2f} "
               f"(data x{args.sizes[1] / args.sizes[0]:.0f})")
-    out = work / "stage2_memory.json"
-    out.write_text(json.dumps({**(json.loads(out.read_text()) if out.exists() else {}), **rows}, indent=2))
     return 0
 
 
