@@ -25,8 +25,10 @@ FAMILIES = {
 }
 
 
-def build_random_owl_foundation(out: Path, family: str = "owlvit", layers: int | None = None, seed: int = 0) -> Path:
-    """A random HF OWL detector (base size; `layers` per tower if given) saved with a tokenizer.json."""
+def build_random_owl_foundation(out: Path, family: str = "owlvit", layers: int | None = None, seed: int = 0,
+                                width: int | None = None) -> Path:
+    """A random HF OWL detector (base size; `layers` per tower and `width` for both towers and the
+    projection if given: the input resolution and patch stay the family's) saved with a tokenizer.json."""
     import torch
     import transformers
 
@@ -35,13 +37,17 @@ def build_random_owl_foundation(out: Path, family: str = "owlvit", layers: int |
     image_size, patch = FAMILIES[family]
     vision = {"image_size": image_size, "patch_size": patch}
     text = {}
+    extra = {}
     if layers is not None:
         vision["num_hidden_layers"] = text["num_hidden_layers"] = layers
+    if width is not None:  # OWL's class head needs text width == projection_dim
+        for tower in (vision, text):
+            tower.update(hidden_size=width, intermediate_size=4 * width, num_attention_heads=max(1, width // 64))
+        extra["projection_dim"] = width
     torch.manual_seed(seed)
-    if family == "owlvit":
-        model = transformers.OwlViTForObjectDetection(transformers.OwlViTConfig(text_config=text, vision_config=vision))
-    else:
-        model = transformers.Owlv2ForObjectDetection(transformers.Owlv2Config(text_config=text, vision_config=vision))
+    Config, Model = ((transformers.OwlViTConfig, transformers.OwlViTForObjectDetection) if family == "owlvit"
+                     else (transformers.Owlv2Config, transformers.Owlv2ForObjectDetection))
+    model = Model(Config(text_config=text, vision_config=vision, **extra))
     model.save_pretrained(out, safe_serialization=True)
     synthetic_tokenizer(max_length=16).save(out)  # a word-level tokenizer; OWL's own is CLIP BPE
     return out

@@ -23,12 +23,13 @@ import torch
 
 from diffprompt.core.boxes import boxes_to_pixels
 from diffprompt.core.image_spec import ImageSpec
-from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import load_rec_arrays
 from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
 from diffprompt.training.models.diffprompt import load_dit, load_foundation
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, mask_iou
 from diffprompt.training.models.prompt_sampler import sample_prompt_latents
+from diffprompt.training.options import add_image_root_arg
 from diffprompt.training.stages.prompt_dit import compute_conditions
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
+    add_image_root_arg(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -50,14 +52,17 @@ def main() -> None:
     vae = MaskVAE.from_pretrained(args.mask_vae)
     dit, scheduler = load_dit(args.prompt_dit)
     spec = ImageSpec.from_config(foundation.config)
-    samples = list(load_mdetr(f"{args.data_dir}/{args.split}.json"))[: args.limit]
+    samples = load_split(f"{args.data_dir}/{args.split}.json", args.image_root, args.limit)
     data = load_rec_arrays(samples, spec, vae.config.sample_size, progress=False)
     with torch.no_grad():
-        cond = compute_conditions(foundation, tokenizer, data, dit.config.conditioning == "tokens", progress=False)
+        batches = data.sequential_batches(128)
+        conds = compute_conditions(foundation, tokenizer, data, dit.config.conditioning == "tokens", batch_size=128,
+                                   progress=False)
         stats: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         recall = RecallAccumulator(ks=(1,))  # the evaluator's own R@1 (IoU >= 0.5)
-        for lo in range(0, len(samples), 128):
-            c = {k: v[lo: lo + 128] for k, v in cond.items()}
+        for idx, c, pixels in zip(batches, conds, data.pixel_batches(batches)):
+            lo = int(idx[0])
+            c = {k: torch.from_numpy(v) for k, v in c.items()}
             seeds = [lo + i for i in range(len(c["image_embed"]))]
             logits = decode_latents(vae, sample_prompt_latents(dit, scheduler, c, seeds, args.steps, depth=1)[:, 0])
             truth = data.masks[lo: lo + 128]
@@ -65,7 +70,7 @@ def main() -> None:
             peak = logits[:, 0].flatten(1).argmax(1)
             hits = truth.flatten(1)[torch.arange(len(peak)), peak].float()
             ids, mask = (torch.from_numpy(a) for a in tokenizer([s.expression for s in samples[lo: lo + 128]]))
-            out = foundation(data.pixels[lo: lo + 128].float(), ids, mask)
+            out = foundation(pixels, ids, mask)
             scores, boxes = out.logits[..., 0].numpy(), out.pred_boxes.numpy()  # (B, P), (B, P, 4)
             m = logits.shape[-1]  # the mask logit under each box centre (cxcywh in [0, 1])
             col = (out.pred_boxes[..., 0] * m).long().clamp(0, m - 1)

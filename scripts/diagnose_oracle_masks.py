@@ -8,13 +8,14 @@ then scores val / testA / testB (first 300 expressions each) with the true masks
 """
 
 import sys
+import tempfile
 
 import torch
 
 import diffprompt.training.stages.prompts as stage3
 import diffprompt.training.train_prompts as tp
 from diffprompt.core.boxes import boxes_to_pixels
-from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import load_rec_arrays
 from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
 from diffprompt.training.models.diffprompt import DiffPromptPipeline
@@ -27,20 +28,23 @@ def oracle_masks(data, n):
 
 
 def main() -> None:
-    stage3.generated_masks = lambda pipeline, data, *_, **__: oracle_masks(data, pipeline.learner.mask_layers)
+    stage3.generated_masks = lambda pipeline, data, *_, **__: iter(
+        [{"masks": oracle_masks(data, pipeline.learner.mask_layers).numpy()}])
     args = tp.build_parser().parse_args(sys.argv[1:])
-    tp.main(args)
+    with tempfile.TemporaryDirectory() as cache:  # the oracle's masks must not land in the sampled masks' cache
+        args.mask_cache = cache
+        tp.main(args)
     p = DiffPromptPipeline.from_pretrained(args.output)
     for split in ["val", "testA", "testB"]:
-        samples = list(load_mdetr(f"{args.data_dir}/{split}.json"))[:300]
+        samples = load_split(f"{args.data_dir}/{split}.json", args.image_root, 300)
         data = load_rec_arrays(samples, p.image_spec, p.learner.config.mask_size, progress=False)
         ids, mask = (torch.from_numpy(a) for a in p.tokenizer([s.expression for s in samples]))
         masks = oracle_masks(data, p.learner.mask_layers).float()
         acc = RecallAccumulator(ks=(1, 5))
         with torch.no_grad():
-            for lo in range(0, len(samples), 64):
+            for lo, pixels in zip(range(0, len(samples), 64), data.pixel_batches(data.sequential_batches(64))):
                 sl = slice(lo, lo + 64)
-                out = prompted_forward(p.foundation, p.learner, data.pixels[sl].float(), ids[sl], mask[sl], masks[sl])
+                out = prompted_forward(p.foundation, p.learner, pixels, ids[sl], mask[sl], masks[sl])
                 scores, boxes = torch.sigmoid(out.logits[..., 0]).numpy(), out.pred_boxes.numpy()
                 for j, s in enumerate(samples[sl]):
                     px = boxes_to_pixels(boxes[j], s.width, s.height, p.image_spec.resize_mode)

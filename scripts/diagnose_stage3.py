@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from diffprompt.core.boxes import boxes_to_pixels
-from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import load_rec_arrays
 from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
 from diffprompt.training.evaluation.rec import sample_seed
 from diffprompt.training.models.diffprompt import DiffPromptPipeline
 from diffprompt.training.models.prompt_learners import prompted_forward
+from diffprompt.training.options import add_image_root_arg
 
 
 def top1_hits(output, samples, spec) -> list[bool]:
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (as `diffprompt evaluate --seed`)")
     p.add_argument("--threads", type=int, default=2)
+    add_image_root_arg(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipeline = DiffPromptPipeline.from_pretrained(args.pipeline, steps=args.steps)
@@ -50,13 +52,12 @@ def main() -> None:
     print(f"{args.pipeline}: mask input {pipeline.learner.config.mask_input}, {args.steps} DDIM steps")
     print("| split | part | n | share | prompted R@1 | foundation R@1 |\n|---|---|---|---|---|---|")
     for split in args.split:
-        samples = list(load_mdetr(f"{args.data_dir}/{split}.json"))
+        samples = load_split(f"{args.data_dir}/{split}.json", args.image_root)
         data = load_rec_arrays(samples, spec, m, progress=False)
         on_target, prompted, frozen = [], [], []
         with torch.no_grad():
-            for lo in range(0, len(samples), 128):
+            for lo, pixels in zip(range(0, len(samples), 128), data.pixel_batches(data.sequential_batches(128))):
                 part = samples[lo: lo + 128]
-                pixels = data.pixels[lo: lo + 128].float()
                 ids, mask = (torch.from_numpy(a) for a in pipeline.tokenizer([s.expression for s in part]))
                 masks = pipeline.generate_masks(pixels, ids, mask, [sample_seed(args.seed, s.sample_id) for s in part])
                 peak = masks[:, 0, 0].flatten(1).argmax(1)  # (B,) the final DDIM output's highest logit

@@ -96,7 +96,7 @@ def test_broken_checkpoints(tmp_path, world, capsys):
     (broken / "tokenizer.json").unlink()
     shutil.copy(FOUNDATION / "model.safetensors", weights)
     assert_user_error(run_here(capsys, "evaluate", "--checkpoint", str(broken), "--json", str(world / "val.json")),
-                      "tokenizer.json: tokenizer file missing")
+                      "foundation: no tokenizer; a checkpoint needs tokenizer.json, or vocab.json + merges.txt")
 
 
 def test_broken_pipeline_directories(tmp_path, world, capsys):

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from diffprompt.cli import positive_int
+from diffprompt.training.options import add_image_root_arg
 
 SPLITS = ("val", "testA", "testB")
 BASELINES = ("vpt", "coop", "maple", "clip_adapter", "linear_probe")
@@ -78,7 +79,7 @@ def run_job(job: Job, cfg: dict) -> dict:
     """Train (unless the foundation) and evaluate one job; writes and returns its results.json."""
     import torch
 
-    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.data.mdetr import load_split
     from diffprompt.training.evaluation.rec import evaluate_samples
     from diffprompt.training.models.diffprompt import DiffPromptPipeline
     from diffprompt.training.train_prompts import build_parser
@@ -98,6 +99,8 @@ def run_job(job: Job, cfg: dict) -> dict:
                 "--foundation", cfg["foundation"], "--mask-vae", cfg["mask_vae"], "--data-dir", cfg["data_dir"],
                 "--threads", str(cfg["threads"]), "--eval-every", "0", "--no-progress",
                 "--mask-cache", str(Path(cfg["work_dir"]) / "mask_cache")]
+        if cfg.get("image_root"):
+            argv += ["--image-root", cfg["image_root"]]
         if job.conditioning:
             argv += ["--prompt-dit", cfg[f"dit_{job.conditioning}"], "--mask-input", job.mask_input]
         summary = train(build_parser().parse_args(argv))
@@ -108,7 +111,7 @@ def run_job(job: Job, cfg: dict) -> dict:
         pipeline.steps = steps or 25
         evals[str(steps)] = {}
         for split in SPLITS:
-            samples = list(load_mdetr(Path(cfg["data_dir"]) / f"{split}.json"))
+            samples = load_split(Path(cfg["data_dir"]) / f"{split}.json", cfg.get("image_root"))
             acc = evaluate_samples(pipeline, pipeline.tokenizer, samples, progress=False, seed=job.seed)
             evals[str(steps)][split] = {k: v for k, v in acc.summary()[-1].as_dict().items() if k != "group"}
     result = {"job": asdict(job), **summary, "seconds": time.time() - t0, "eval": evals}
@@ -239,7 +242,8 @@ def plot_table(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def mask_picture(pipeline_dir: Path, data_dir: Path, path: Path, n: int = 6, seed: int = 0) -> None:
+def mask_picture(pipeline_dir: Path, data_dir: Path, path: Path, n: int = 6, seed: int = 0,
+                 image_root: str | None = None) -> None:
     """Val samples: image with the target box, the ground-truth mask, generated masks at 25 and 5 steps."""
     import matplotlib
 
@@ -250,13 +254,13 @@ def mask_picture(pipeline_dir: Path, data_dir: Path, path: Path, n: int = 6, see
 
     from diffprompt.core.image_spec import ImageSpec
     from diffprompt.training.data.grounding_dataset import load_pixels
-    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.data.mdetr import load_split
     from diffprompt.training.data.rec_arrays import target_mask
     from diffprompt.training.evaluation.rec import sample_seed
     from diffprompt.training.models.diffprompt import DiffPromptPipeline
 
     pipeline = DiffPromptPipeline.from_pretrained(pipeline_dir)
-    samples = list(load_mdetr(data_dir / "val.json"))[:n]
+    samples = load_split(data_dir / "val.json", image_root, n)
     spec = ImageSpec.from_config(pipeline.foundation.config)
     m = pipeline.vae.config.sample_size
     pixels = torch.stack([torch.from_numpy(load_pixels(s, spec)) for s in samples])
@@ -297,6 +301,8 @@ def train_generators(args, cfg: dict) -> None:
     work = Path(args.work_dir)
     common = ["--data-dir", args.data_dir, "--threads", str(cfg["threads"] * args.jobs),
               "--run-root", str(work / "runs"), "--overwrite"]  # what is there has no config.json: unfinished
+    if args.image_root:
+        common += ["--image-root", args.image_root]
     if not (work / "mask_vae" / "config.json").exists():
         train_mask_vae.main(train_mask_vae.build_parser().parse_args(["--output", str(work / "mask_vae"), *common]))
     cfg["mask_vae"] = str(work / "mask_vae")
@@ -316,7 +322,7 @@ def main(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cfg = {"work_dir": str(work), "foundation": args.foundation, "mask_vae": args.mask_vae,
            "dit_pooled": args.dit_pooled, "dit_tokens": args.dit_tokens, "data_dir": args.data_dir,
-           "epochs": args.epochs, "threads": args.threads}
+           "epochs": args.epochs, "threads": args.threads, "image_root": args.image_root}
     from diffprompt.training.data.synthetic.writer import ensure_split
     from diffprompt.training.stages.runner import get_logger
 
@@ -362,7 +368,7 @@ def main(args: argparse.Namespace) -> int:
     plot_table(data["table"], Path(args.plot))
     main_dp = work / f"diffprompt-tokens-s{args.seeds[0]}" / "model"
     if main_dp.exists():
-        mask_picture(main_dp, Path(args.data_dir), Path(args.masks))
+        mask_picture(main_dp, Path(args.data_dir), Path(args.masks), image_root=args.image_root)
     print(report)
     return 0
 
@@ -376,6 +382,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--dit-tokens", default="checkpoints/prompt_dit_tokens")
     p.add_argument("--from-scratch", action="store_true", help="train the Mask-VAE and both DiTs into --work-dir first")
     p.add_argument("--data-dir", default="data/synthetic")
+    add_image_root_arg(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=2, help="stage-3 epochs, the same for every method")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6, 9], help="depth ablation (seed 0)")

@@ -26,12 +26,13 @@ from diffprompt.cli import non_negative_int, positive_int
 from diffprompt.core.errors import UserError
 from diffprompt.core.providers import PROVIDER_NAMES
 from diffprompt.training.data.synthetic.splits import SPLITS
+from diffprompt.training.options import add_image_root_arg
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from diffprompt.training.data.mdetr import check_images, load_mdetr
+    from diffprompt.training.data.mdetr import load_split
     from diffprompt.training.evaluation.rec import evaluate_samples
     from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, load_foundation
 
@@ -63,10 +64,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("nothing to evaluate: give --split and/or --json")
     report = {}
     for name, path in datasets:
-        samples = list(load_mdetr(path))[: args.limit]
-        check_images(samples)
-        acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, progress=args.progress,
-                               seed=args.seed)
+        samples = load_split(path, args.image_root, args.limit)
+        acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, batch_size=args.batch_size,
+                               progress=args.progress, seed=args.seed)
         print(f"\n{name} ({path}, {len(samples)} expressions, {args.criterion.upper()} >= 0.5)")
         print(acc.format_table())
         report[name] = [row.as_dict() for row in acc.summary()]
@@ -88,6 +88,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help=f"synthetic split names, of {list(SPLITS)}")
     p.add_argument("--json", nargs="*", default=[], help="MDETR-style json files")
     p.add_argument("--data-dir", default="data/synthetic")
+    add_image_root_arg(p)
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="expressions per forward pass (lower it for big models)")
     p.add_argument("--criterion", default="iou", choices=["iou", "giou"])
     p.add_argument("--ddim-steps", type=positive_int, default=25, help="Diff-Prompt sampling steps")
     p.add_argument("--seed", type=non_negative_int, default=0,

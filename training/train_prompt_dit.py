@@ -61,6 +61,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--eval-steps", type=int, nargs="+", default=[25, 5], help="DDIM step counts to validate")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--frozen-batch-size", type=int, default=64,
+                   help="expressions per pass of the frozen foundation when computing the conditions")
+    p.add_argument("--cache-dtype", default="float32", choices=["float32", "float16"],
+                   help="how the foundation's conditions are kept on disk (float16 halves the bytes at real size)")
     return p
 
 

@@ -42,7 +42,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--prompt-dit", default="checkpoints/prompt_dit_tokens", help="Diff-Prompt only")
     p.add_argument("--ddim-steps", type=int, default=25, help="DDIM steps of the training masks (Diff-Prompt)")
     p.add_argument("--mask-cache", default=None,
-                   help="keep the sampled training masks here and reuse them (same DiT, VAE, seed, steps, data)")
+                   help="keep the sampled training masks here and reuse them (same DiT, VAE, seed, steps, data; "
+                        "default: --cache-dir)")
     p.add_argument("--mask-input", default="standardize", choices=MASK_INPUTS,
                    help="how Diff-Prompt's adapters read a decoded mask: standardised per mask, or tanh of its logits")
     p.add_argument("--depth", type=int, default=9, help="prompted layers from the input (capped per tower)")
@@ -50,12 +51,25 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_run_args(p, output="runs/<method>")
     p.add_argument("--epochs", type=int, default=2,
                    help="passes over the train split (paper: 5 over RefCOCO; ours: 2 over 8000 synthetic expressions)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="expressions per optimizer step and process")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="expressions per forward/backward pass: gradients of the batch's micro-batches accumulate "
+                        "into one optimizer step, the same as the whole batch at once (default: --batch-size)")
+    p.add_argument("--pixel-cache", default="auto", choices=["auto", "on", "off"],
+                   help="decode the train images once into float16 rows under --cache-dir and read each batch "
+                        "from there (auto: when those take at most 4 GB, e.g. the 128 px synthetic split); "
+                        "off: decode each batch's images as it comes")
+    p.add_argument("--frozen-batch-size", type=int, default=None,
+                   help="expressions per pass of the frozen models when sampling masks and validating "
+                        "(default: 128 and 64; lower it for big foundations)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the frozen towers' layer activations in backward: memory of one layer at a time")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--rank-weight", type=float, default=1.0, help="weight of the patch ranking term of the loss")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between val R@1 checks (0 = never)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (fp16: CUDA only, with a gradient scaler)")
     return p
 
 

@@ -138,6 +138,15 @@ def load_mdetr(json_path: str | Path, image_root: str | Path | None = None,
     return SampleList(samples, source=path, num_skipped=skipped)
 
 
+def load_split(json_path: str | Path, image_root: str | Path | None = None,
+               limit: int | None = None) -> list[GroundingSample]:
+    """`load_mdetr`, the first `limit` samples, and `check_images` on them: a split that is ready to train
+    or evaluate on. A missing json or image file raises `DatasetError` naming it, before any work."""
+    samples = list(load_mdetr(json_path, image_root))[:limit]
+    check_images(samples)
+    return samples
+
+
 def check_images(samples: Iterable[GroundingSample]) -> None:
     """Raise `DatasetError` naming the first sample whose ``image_path`` is not a file."""
     seen: set[Path] = set()
@@ -146,7 +155,8 @@ def check_images(samples: Iterable[GroundingSample]) -> None:
             continue
         seen.add(sample.image_path)
         if not sample.image_path.is_file():
-            raise DatasetError(f"image file not found: {sample.image_path} (sample_id={sample.sample_id})")
+            raise DatasetError(f"image file not found: {sample.image_path} (sample_id={sample.sample_id}; "
+                               "--image-root sets the folder of the images)")
 
 
 def read_json(path: Path) -> Any:

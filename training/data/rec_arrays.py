@@ -1,27 +1,30 @@
-"""REC samples held in memory as tensors, for the Diff-Prompt stages.
+"""REC samples for the Diff-Prompt stages: masks and boxes in memory, pixels decoded batch by batch.
 
-The REC train split is small (a few thousand expressions), so each stage decodes the images
-and masks once and then trains from memory instead of reading PNGs every step.
+Masks at the Mask-VAE's size (32 x 32 bits) and boxes are small, so they are held for the whole
+split. Pixels at the foundation's resolution are not (8000 expressions at 768 px would be 28 GB):
+`RecArrays.pixel_batches` decodes and resizes each batch's images when it is needed, in
+DataLoader worker processes, so no split's pixels are ever in memory at once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from diffprompt.core.boxes import pixels_to_normalized
 from diffprompt.core.image_spec import ImageSpec
+from diffprompt.core.images import mask_to_input_frame
 from diffprompt.training.data.grounding_dataset import load_pixels
 from diffprompt.training.data.masks import rle_to_mask
-from diffprompt.training.data.records import GroundingSample
-from diffprompt.core.images import mask_to_input_frame
-from diffprompt.core.boxes import pixels_to_normalized
+from diffprompt.training.data.records import DatasetError, GroundingSample
+from diffprompt.training.data.row_cache import RowFile, cached_rows
 
 
 def target_mask(sample: GroundingSample, size: int, resize_mode: str) -> np.ndarray:
@@ -44,52 +47,96 @@ class RecArrays:
     samples: list[GroundingSample]
     masks: torch.Tensor  # (N, m, m) bool, target masks in the input square
     boxes: list[torch.Tensor]  # N x (K, 4) cxcywh normalised to the input square
-    pixels: torch.Tensor | None = None  # (N, 3, S, S) float16, normalised
+    spec: ImageSpec | None = None  # the foundation's input: what `pixel_batches` decodes to
+    pixel_rows: RowFile | None = None  # (N, 3, S, S) float16 decoded once on disk (`cache_pixels`), if any
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def pixel_batches(self, batches: Iterable[np.ndarray], workers: int = 0) -> Iterator[torch.Tensor]:
+        """(B, 3, S, S) float32 normalised pixels of each batch of sample indices, in order.
+
+        Pixels pass through float16 (what the stages have always trained on). With `workers` > 0,
+        that many processes decode ahead of the consumer. An unreadable image raises `DatasetError`
+        naming the file."""
+        if self.spec is None:
+            raise ValueError("these RecArrays were loaded without an image spec: no pixels")
+        batches = [np.asarray(b) for b in batches]
+        if self.pixel_rows is not None:
+            for b in batches:
+                yield torch.from_numpy(self.pixel_rows[b]).float()
+            return
+        if not batches:
+            return
+        loader = DataLoader(_Pixels(self.samples, self.spec), batch_sampler=batches, num_workers=workers,
+                            collate_fn=_stack_or_error, prefetch_factor=2 if workers else None,
+                            generator=torch.Generator())  # its seed draw leaves torch's global RNG alone
+        for batch in loader:
+            if isinstance(batch, DatasetError):
+                raise batch
+            yield batch.float()
+
+    def sequential_batches(self, batch_size: int) -> list[np.ndarray]:
+        """The split in order, in batches of `batch_size` (the last one shorter)."""
+        return [np.arange(lo, min(lo + batch_size, len(self))) for lo in range(0, len(self), batch_size)]
+
+
+class _Pixels(Dataset):
+    """Item i: sample i's (3, S, S) float16 pixels, or the DatasetError of its unreadable image."""
+
+    def __init__(self, samples: Sequence[GroundingSample], spec: ImageSpec):
+        self.samples, self.spec = samples, spec
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> torch.Tensor | DatasetError:
+        try:
+            return torch.from_numpy(load_pixels(self.samples[i], self.spec)).half()
+        except DatasetError as e:  # returned, not raised: a worker's exception would come back as a traceback
+            return e
+
+
+def _stack_or_error(items: list) -> torch.Tensor | DatasetError:
+    errors = [it for it in items if isinstance(it, DatasetError)]
+    return errors[0] if errors else torch.stack(items)
+
+
+def pixel_bytes(data: RecArrays) -> int:
+    """Bytes of the split's pixels at the model's input size in float16."""
+    return len(data) * 3 * data.spec.image_size**2 * 2
+
+
+def cache_pixels(data: RecArrays, directory: Path, workers: int = 0, progress: bool = False) -> None:
+    """Decode every image once into `directory` (float16 rows, data/row_cache.py) and read batches from
+    there from now on: for small splits read many times (stage 3's epochs at 128 px), where decoding
+    per batch would cost more than reading."""
+    def decode():
+        batches = data.sequential_batches(256)
+        for pixels in tqdm(data.pixel_batches(batches, workers), total=len(batches), desc="decoding images",
+                           disable=not progress, leave=False):
+            yield {"pixels": pixels.half().numpy()}
+
+    data.pixel_rows = cached_rows(directory, len(data), decode).files["pixels"]
+
 
 def load_rec_arrays(
-    samples: Sequence[GroundingSample], spec: ImageSpec, mask_size: int, with_pixels: bool = True,
-    progress: bool = True, cache_dir: str | Path | None = None,
+    samples: Sequence[GroundingSample], spec: ImageSpec, mask_size: int, progress: bool = True,
 ) -> RecArrays:
-    """Decode every sample once. With `cache_dir`, the decoded pixels are kept in an .npy file
-    keyed by the samples' image files and the image spec, so the next job maps it instead."""
+    """Every sample's target mask and boxes; pixels come later, per batch (`RecArrays.pixel_batches`)."""
     samples = list(samples)
     masks = np.zeros((len(samples), mask_size, mask_size), dtype=bool)
     boxes = []
     for i, s in enumerate(tqdm(samples, desc="loading masks", unit="expr", disable=not progress, leave=False)):
         masks[i] = target_mask(s, mask_size, spec.resize_mode)
         boxes.append(torch.from_numpy(pixels_to_normalized(s.boxes, s.width, s.height, spec.resize_mode)))
-    pixels = None
-    if with_pixels:
-        cached = _pixel_cache_path(samples, spec, cache_dir) if cache_dir else None
-        if cached is not None and cached.exists():
-            pixels = torch.from_numpy(np.load(cached))
-        else:
-            pixels = _decode_pixels(samples, spec, progress)
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
-                np.save(tmp, pixels.numpy())
-                os.replace(tmp, cached)  # atomic: parallel jobs never read a half-written cache
-    return RecArrays(samples, torch.from_numpy(masks), boxes, pixels)
+    return RecArrays(samples, torch.from_numpy(masks), boxes, spec)
 
 
-def _decode_pixels(samples: list[GroundingSample], spec: ImageSpec, progress: bool) -> torch.Tensor:
-    pixels = torch.zeros(len(samples), 3, spec.image_size, spec.image_size, dtype=torch.float16)
-    last: tuple[str, torch.Tensor] | None = None  # samples of one image are adjacent and share its pixels
-    for i, s in enumerate(tqdm(samples, desc="loading images", unit="expr", disable=not progress, leave=False)):
-        if last is None or last[0] != str(s.image_path):
-            last = (str(s.image_path), torch.from_numpy(load_pixels(s, spec)).half())
-        pixels[i] = last[1]
-    return pixels
-
-
-def _pixel_cache_path(samples: list[GroundingSample], spec: ImageSpec, cache_dir: str | Path) -> Path:
+def data_digest(samples: Sequence[GroundingSample], spec: ImageSpec) -> str:
+    """A key of the samples' inputs: image files (path, size, mtime), expressions, ids and the image spec."""
     h = hashlib.sha256(repr(spec).encode())
     for s in samples:
         st = Path(s.image_path).stat()
-        h.update(f"{s.image_path}|{st.st_size}|{st.st_mtime_ns};".encode())
-    return Path(cache_dir) / f"pixels-{h.hexdigest()[:16]}.npy"
+        h.update(f"{s.sample_id}|{s.expression}|{s.image_path}|{st.st_size}|{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]

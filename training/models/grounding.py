@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from diffprompt.training.models.pretrained import (
@@ -172,6 +173,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: TowerConfig):
         super().__init__()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.gradient_checkpointing = False  # recompute layer activations in backward (set_gradient_checkpointing)
 
     def forward(
         self,
@@ -187,7 +189,10 @@ class Encoder(nn.Module):
             if n_prompt:
                 x = torch.cat([prompts[:, i].to(x.dtype), x], dim=1)  # (B, L+N, D): prompts in front
             bias = attn_bias_fn(n_prompt) if attn_bias_fn is not None else None
-            x = layer(x, bias)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, bias, use_reentrant=False)
+            else:
+                x = layer(x, bias)
             if n_prompt:
                 x = x[:, n_prompt:]  # (B, N, D): prompts dropped after their layer
         return x
@@ -451,6 +456,14 @@ class GroundingModel(PretrainedModel):
         # Scores start low (logit ~ -4.5, p ~ 0.01) with room to grow: (cos - 1.5) * 3, as RetinaNet's prior.
         nn.init.constant_(self.class_head.logit_shift.bias, -1.5)
         nn.init.constant_(self.class_head.logit_scale.bias, 2.0)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> GroundingModel:
+        """Keep only each transformer layer's input for backward and recompute the rest there: training
+        through the frozen towers (prompts) then holds one layer's activations at a time, for about a
+        third more compute. Forward results and gradients are the same."""
+        self.vision_model.encoder.gradient_checkpointing = enabled
+        self.text_model.encoder.gradient_checkpointing = enabled
+        return self
 
     # -- encoders -------------------------------------------------------------------------------
 

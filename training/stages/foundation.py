@@ -22,7 +22,7 @@ import torch
 from diffprompt.core.image_spec import ImageSpec
 from diffprompt.core.tokenizer import QueryTokenizer
 from diffprompt.training.data.grounding_dataset import ImageQueriesDataset, detection_collate
-from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
 from diffprompt.training.evaluation.rec import evaluate_samples
 from diffprompt.training.losses import detection_loss, match
@@ -54,8 +54,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         model = GroundingModel(GROUNDING_PRESETS[args.preset](vocab_size=tokenizer.vocab_size))
     model.to(run.device)
     spec = ImageSpec.from_config(model.config)
-    train_set = ImageQueriesDataset(load_mdetr(train_json), spec)
-    val_samples = list(load_mdetr(val_json))[: args.val_limit]
+    train_set = ImageQueriesDataset(load_split(train_json, args.image_root), spec)
+    val_samples = load_split(val_json, args.image_root, args.val_limit)
     log.info(f"run {run.run_dir}: {len(train_set)} train images, {len(train_set.vocabulary)} distinct queries, "
              f"{len(val_samples)} val expressions, world size {run.world_size}")
     n_params = sum(p.numel() for p in model.parameters())

@@ -67,8 +67,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     spec = ImageSpec.from_config(argparse.Namespace(image_size=args.image_size, image_mean=(0, 0, 0),
                                                     image_std=(1, 1, 1), resize_mode=args.resize_mode))
     train_json, val_json = split_paths(run, args, "train", "val")
-    train_masks = load_rec_arrays(load_mdetr(train_json), spec, m, with_pixels=False, progress=args.progress).masks
-    val_masks = load_rec_arrays(list(load_mdetr(val_json))[: args.val_limit], spec, m, with_pixels=False,
+    # masks only: stage 1 never decodes an image, so the images are not checked here either
+    train_masks = load_rec_arrays(load_mdetr(train_json, args.image_root), spec, m, progress=args.progress).masks
+    val_masks = load_rec_arrays(list(load_mdetr(val_json, args.image_root))[: args.val_limit], spec, m,
                                 progress=args.progress).masks
     n_params = sum(p.numel() for p in vae.parameters())
     log.info(f"run {run.run_dir}: {len(train_masks)} train masks, {len(val_masks)} val masks, {m}x{m}, "

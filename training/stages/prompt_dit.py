@@ -1,8 +1,10 @@
 """Stage 2: train the prompt generator (DiT) to denoise Mask-VAE latents of referred objects.
 
 Conditions come from the frozen foundation run without prompts (pooled embeddings; with
-`--conditioning tokens` also its image and text tokens); they and the target latents are
-computed once, then the DiT trains from memory with an MSE loss on its prediction (x0 for our
+`--conditioning tokens` also its image and text tokens). They are computed once, with each
+batch's images decoded when it is needed, and kept on disk (data/row_cache.py, keyed by the
+foundation's files and the data), so memory does not grow with the split; the DiT reads each
+step's rows from there and the target latents from memory, and trains with an MSE loss on its prediction (x0 for our
 checkpoints, `--prediction-type`), plus the pointer head's cross-entropy in tokens mode. EMA
 weights sample; validation samples val masks with DDIM and reports the IoU of the final decoded
 mask with the target, and --output keeps the EMA weights of the best validation with the one
@@ -14,57 +16,89 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from diffprompt.core.image_spec import ImageSpec
-from diffprompt.training.data.mdetr import load_mdetr
-from diffprompt.training.data.rec_arrays import RecArrays, load_rec_arrays
+from diffprompt.training.data.mdetr import load_split
+from diffprompt.training.data.rec_arrays import RecArrays, data_digest, load_rec_arrays
+from diffprompt.training.data.row_cache import RowArrays, cached_rows, file_digest
 from diffprompt.training.models.diffprompt import SCHEDULER_FILE, foundation_conditions, load_foundation
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, encode_masks, mask_iou
 from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
-from diffprompt.training.stages.runner import StageRunner, split_paths
+from diffprompt.training.stages.runner import StageRunner, cache_dir, split_paths
 from diffprompt.training.utils.ema import EMA
 
 
 @torch.no_grad()
 def compute_conditions(foundation, tokenizer, data: RecArrays, tokens: bool, batch_size: int = 64,
-                       progress: bool = True) -> dict[str, torch.Tensor]:
-    """Every sample's DiT conditions, concatenated along the batch (float32, on CPU)."""
-    parts: list[dict[str, torch.Tensor]] = []
-    for lo in tqdm(range(0, len(data), batch_size), desc="conditions", disable=not progress, leave=False):
-        ids, mask = tokenizer([s.expression for s in data.samples[lo: lo + batch_size]])
-        parts.append(foundation_conditions(foundation, data.pixels[lo: lo + batch_size].float(),
-                                           torch.from_numpy(ids), torch.from_numpy(mask), tokens))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                       progress: bool = True, workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Each batch's DiT conditions in sample order ({name: (B, ...) float32 ndarray}), pixels decoded per batch."""
+    device = next(foundation.parameters()).device
+    batches = data.sequential_batches(batch_size)
+    pixels = data.pixel_batches(batches, workers)
+    for idx, px in tqdm(zip(batches, pixels), total=len(batches), desc="conditions", disable=not progress,
+                        leave=False):
+        ids, mask = tokenizer([data.samples[i].expression for i in idx])
+        cond = foundation_conditions(foundation, px.to(device), torch.from_numpy(ids).to(device),
+                                     torch.from_numpy(mask).to(device), tokens)
+        yield {k: v.float().cpu().numpy() for k, v in cond.items()}
+
+
+def cached_conditions(run: StageRunner, args: argparse.Namespace, foundation, tokenizer, data: RecArrays,
+                      tokens: bool) -> RowArrays:
+    """The split's DiT conditions on disk (`cache_dir(args)/conditions-<key>/`), computed once by rank 0.
+
+    The key hashes the foundation directory's files, the samples (image files, expressions) and the
+    image spec, the conditioning and the stored dtype: another foundation or other data never reads it."""
+    key = file_digest([args.foundation], f"{data_digest(data.samples, data.spec)}|{tokens}|{args.cache_dtype}")
+    directory = cache_dir(args) / f"conditions-{key}"
+    progress = args.progress and run.is_main
+
+    def compute() -> None:
+        cached_rows(directory, len(data), lambda: compute_conditions(
+            foundation, tokenizer, data, tokens, batch_size=args.frozen_batch_size, progress=progress,
+            workers=args.workers), dtype=args.cache_dtype)
+
+    run.main_first(compute)
+    return RowArrays(directory)
+
+
+def take(cond: RowArrays | dict[str, torch.Tensor], idx, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Rows `idx` (indices or a slice) of every condition, as float32 tensors on `device`."""
+    if isinstance(cond, RowArrays):
+        return {k: torch.from_numpy(v).float().to(device) for k, v in cond.take(idx).items()}
+    return {k: v[idx].to(device) for k, v in cond.items()}
 
 
 @torch.no_grad()
-def sampled_mask_iou(dit, scheduler, vae, cond: dict, targets: torch.Tensor, steps: int, seed: int = 0,
+def sampled_mask_iou(dit, scheduler, vae, cond: RowArrays | dict, targets: torch.Tensor, steps: int, seed: int = 0,
                      batch_size: int = 128) -> float:
     """Mean IoU of the final DDIM sample's decoded mask with the target masks."""
     dit.eval()
     ious = []
     for lo in range(0, len(targets), batch_size):
-        c = {k: v[lo: lo + batch_size] for k, v in cond.items()}
+        c = take(cond, slice(lo, lo + batch_size), next(dit.parameters()).device)
         seeds = [seed * 1_000_003 + i for i in range(lo, lo + len(c["image_embed"]))]
-        x0 = sample_prompt_latents(dit, scheduler, c, seeds, steps, depth=1)[:, 0]
+        x0 = sample_prompt_latents(dit, scheduler, c, seeds, steps, depth=1)[:, 0].cpu()
         ious.append(mask_iou(decode_latents(vae, x0)[:, 0] > 0, targets[lo: lo + batch_size]))
     return float(torch.cat(ious).mean())
 
 
 @torch.no_grad()
-def pointer_accuracy(dit: PromptDiT, cond: dict, targets: torch.Tensor, batch_size: int = 256) -> float:
+def pointer_accuracy(dit: PromptDiT, cond: RowArrays | dict, targets: torch.Tensor, batch_size: int = 256) -> float:
     """Fraction of samples whose pointer head picks the patch holding the referred object."""
     dit.eval()
     hits = []
     for lo in range(0, len(targets), batch_size):
-        c = {k: v[lo: lo + batch_size] for k, v in cond.items()}
+        c = take(cond, slice(lo, lo + batch_size), next(dit.parameters()).device)
         logits = dit.prepare_conditions(**c)["pointer_logits"]  # (B, P): the condition-only part, no DiT blocks
-        hits.append(logits.argmax(1) == targets[lo: lo + batch_size])
+        hits.append(logits.argmax(1).cpu() == targets[lo: lo + batch_size])
     return float(torch.cat(hits).float().mean())
 
 
@@ -76,7 +110,7 @@ def main(args: argparse.Namespace) -> dict:
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
     log = run.log
     foundation, tokenizer = load_foundation(args.foundation)
-    foundation.eval().requires_grad_(False)
+    foundation.eval().requires_grad_(False).to(run.device)
     fcfg, vae_cfg = foundation.config, MaskVAE.load_config(args.mask_vae)
     tokens = args.conditioning == "tokens"
     # Built before the Mask-VAE is loaded: loading a model builds it first (models/pretrained.py) and so
@@ -91,15 +125,14 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     m = vae.config.sample_size
     spec = ImageSpec.from_config(fcfg)
     train_json, val_json = split_paths(run, args, "train", "val")
-    train_data = load_rec_arrays(load_mdetr(train_json), spec, m, progress=args.progress,
-                                 cache_dir=Path(args.data_dir) / ".cache")
-    val = load_rec_arrays(list(load_mdetr(val_json))[: args.val_limit], spec, m, progress=args.progress)
-    cond = compute_conditions(foundation, tokenizer, train_data, tokens, progress=args.progress and run.is_main)
-    val_cond = compute_conditions(foundation, tokenizer, val, tokens, progress=args.progress and run.is_main)
+    train_data = load_rec_arrays(load_split(train_json, args.image_root), spec, m, progress=args.progress)
+    val = load_rec_arrays(load_split(val_json, args.image_root, args.val_limit), spec, m, progress=args.progress)
+    cond = cached_conditions(run, args, foundation, tokenizer, train_data, tokens)  # on disk, read per batch
+    val_cond = cached_conditions(run, args, foundation, tokenizer, val, tokens)
+    del foundation  # the conditions are all the DiT needs
     latents = torch.cat([encode_masks(vae, train_data.masks[lo: lo + 256]) for lo in range(0, len(train_data), 256)])
     pointer_targets = referred_patch(train_data.masks, fcfg.grid_size)  # (N,) the patch holding each referred object
     val_pointer_targets = referred_patch(val.masks, fcfg.grid_size)
-    train_data.pixels = val.pixels = None  # conditions are all the DiT needs
 
     scheduler = make_scheduler({"num_train_timesteps": args.train_timesteps, "prediction_type": args.prediction_type,
                                 "clip_sample": args.clip_sample > 0, "clip_sample_range": args.clip_sample or 1.0})
@@ -121,7 +154,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, args.train_timesteps, (len(idx),), generator=generator)
         xt = scheduler.add_noise(x0, noise, t)
-        c = {k: v[idx].to(run.device) for k, v in cond.items()}
+        c = take(cond, idx.numpy(), run.device)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             out = model(xt.to(run.device), t.to(run.device), **c, return_pointer=dit.pointer)
         prediction, pointer_logits = out if dit.pointer else (out, None)

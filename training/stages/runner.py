@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffprompt.core.errors import OutputExistsError
+from diffprompt.core.errors import OutputExistsError, UserError
 from diffprompt.training.utils.checkpoint import save_checkpoint
 
 
@@ -245,6 +245,17 @@ def get_logger(name: str, run_dir: Path | None, is_main: bool = True) -> logging
         h.setFormatter(fmt)
         logger.addHandler(h)
     return logger
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 autocast (with a gradient scaler) is for CUDA devices only: a UserError elsewhere."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"--precision fp16 needs a CUDA device (this run is on {device}); use bf16 or fp32")
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    """--cache-dir, or <--data-dir>/.cache: where the stages keep what the frozen models computed."""
+    return Path(args.cache_dir) if getattr(args, "cache_dir", None) else Path(args.data_dir) / ".cache"
 
 
 def split_paths(run: StageRunner, args: argparse.Namespace, train: str, val: str,

@@ -1,0 +1,70 @@
+"""The training half of the life cycle on a full-resolution OWL-ViT (768 px, patch 32; random weights,
+2 layers per tower), with the annotations in a folder apart from the images, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffprompt import cli
+from diffprompt.training.data.records import DatasetError
+from tests.owl_testkit import annotations_apart, build_owl_foundation
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def owl(tmp_path_factory, small_world):
+    root = tmp_path_factory.mktemp("owl")
+    foundation = build_owl_foundation(root / "foundation")
+    annotations, image_root = annotations_apart(small_world, root / "annotations", limit=8)
+    return root, foundation, annotations, image_root
+
+
+def common(root: Path, annotations: Path, image_root: Path) -> list[str]:
+    return ["--train-json", str(annotations / "train.json"), "--val-json", str(annotations / "val.json"),
+            "--image-root", str(image_root), "--val-limit", "8", "--data-dir", str(root / "unused"),
+            "--cache-dir", str(root / "cache"), "--run-root", str(root / "runs"), "--threads", "2", "--no-progress",
+            "--precision", "fp32"]  # CPU bf16 is emulated on most CPUs: slower
+
+
+def test_stages_2_and_3_train_a_768px_owl_vit_from_annotations_apart_from_their_images(owl):
+    root, foundation, annotations, image_root = owl
+    assert json.loads((foundation / "config.json").read_text())["vision_config"]["image_size"] == 768
+    args = common(root, annotations, image_root)
+    assert cli.main(["train-dit", "--foundation", str(foundation), "--mask-vae", str(REPO / "checkpoints/mask_vae"),
+                     "--preset", "baby", "--steps", "2", "--batch-size", "8", "--eval-every", "2",
+                     "--eval-steps", "2", "--output", str(root / "dit"), *args]) == 0
+    assert {"config.json", "model.safetensors", "scheduler_config.json"} <= {p.name for p in (root / "dit").iterdir()}
+    conditions = list((root / "cache").glob("conditions-*"))
+    assert len(conditions) == 2  # train and val, on disk
+    assert cli.main(["train-prompts", "--method", "diffprompt", "--foundation", str(foundation),
+                     "--mask-vae", str(REPO / "checkpoints/mask_vae"), "--prompt-dit", str(root / "dit"),
+                     "--depth", "2", "--epochs", "1", "--batch-size", "8", "--micro-batch-size", "4",
+                     "--gradient-checkpointing", "--pixel-cache", "off", "--ddim-steps", "2", "--eval-every", "0",
+                     "--output", str(root / "dp"), *args]) == 0
+    summary = json.loads((root / "dp" / "training_summary.json").read_text())
+    assert summary["history"][-1]["epoch"] == 1 and summary["args"]["micro_batch_size"] == 4
+    assert len(list((root / "cache").glob("masks-*"))) == 1
+    out = root / "eval.json"
+    assert cli.main(["evaluate", "--checkpoint", str(root / "dp"), "--json", str(annotations / "val.json"),
+                     "--image-root", str(image_root), "--limit", "4", "--batch-size", "2", "--ddim-steps", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["results"]["val"][-1]["n"] == 4
+
+
+def test_without_image_root_the_missing_image_is_named_before_any_work(owl):
+    root, foundation, annotations, image_root = owl
+    first = json.loads((annotations / "val.json").read_text())["images"][0]["file_name"]
+    with pytest.raises(DatasetError, match=f"image file not found: {annotations / first}.*--image-root"):
+        cli.main(["evaluate", "--checkpoint", str(foundation), "--json", str(annotations / "val.json"),
+                  "--no-progress"])
+    args = common(root, annotations, image_root)
+    i = args.index("--image-root")
+    del args[i: i + 2]
+    with pytest.raises(DatasetError, match="image file not found"):
+        cli.main(["train-dit", "--foundation", str(foundation), "--mask-vae", str(REPO / "checkpoints/mask_vae"),
+                  "--preset", "baby", "--steps", "1", "--output", str(root / "never"), *args])
+    assert not (root / "never").exists()
