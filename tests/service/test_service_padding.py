@@ -19,7 +19,7 @@ def test_boxes_in_the_padding_are_not_reported(tiny_artifact):
                       [0.5, 0.25, 0.2, 0.2],  # on the image
                       [0.5, 0.50, 0.2, 0.2]],  # straddles the bottom edge: clipped
                      dtype=np.float32)
-    raw = _Raw(np.array([0.9, 0.8, 0.7], np.float32), boxes, None)
+    raw = _Raw(np.array([0.9, 0.8, 0.7], np.float32), boxes, None, None)
     pred = engine._postprocess(raw, 320, 160, GroundOptions("x", top_k=3))
     assert [d.score for d in pred.detections] == [0.8, 0.7]
     assert pred.detections[0].xyxy == (128.0, 48.0, 192.0, 112.0)

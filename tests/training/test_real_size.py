@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from diffprompt import cli
-from diffprompt.training.data.records import DatasetError
 from tests.owl_testkit import annotations_apart, build_owl_foundation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,16 +55,18 @@ def test_stages_2_and_3_train_a_768px_owl_vit_from_annotations_apart_from_their_
     assert json.loads(out.read_text())["results"]["val"][-1]["n"] == 4
 
 
-def test_without_image_root_the_missing_image_is_named_before_any_work(owl):
+def test_without_image_root_the_missing_image_is_named_before_any_work(owl, capsys):
+    """One `error:` line naming the file and the flag, exit status 2, and nothing written."""
     root, foundation, annotations, image_root = owl
     first = json.loads((annotations / "val.json").read_text())["images"][0]["file_name"]
-    with pytest.raises(DatasetError, match=f"image file not found: {annotations / first}.*--image-root"):
-        cli.main(["evaluate", "--checkpoint", str(foundation), "--json", str(annotations / "val.json"),
-                  "--no-progress"])
+    assert cli.main(["evaluate", "--checkpoint", str(foundation), "--json", str(annotations / "val.json"),
+                     "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(f"error: image file not found: {re.escape(str(annotations / first))}.*--image-root", line), line
     args = common(root, annotations, image_root)
     i = args.index("--image-root")
     del args[i: i + 2]
-    with pytest.raises(DatasetError, match="image file not found"):
-        cli.main(["train-dit", "--foundation", str(foundation), "--mask-vae", str(REPO / "checkpoints/mask_vae"),
-                  "--preset", "baby", "--steps", "1", "--output", str(root / "never"), *args])
+    assert cli.main(["train-dit", "--foundation", str(foundation), "--mask-vae", str(REPO / "checkpoints/mask_vae"),
+                     "--preset", "baby", "--steps", "1", "--output", str(root / "never"), *args]) == 2
+    assert "error: image file not found" in capsys.readouterr().err
     assert not (root / "never").exists()

@@ -110,9 +110,12 @@ def train(run, args):
     dist.all_gather(gathered, flat)
     all_seen = [None] * run.world_size
     dist.all_gather_object(all_seen, seen)
-    print(json.dumps({"rank": run.rank, "world": run.world_size, "steps": len(batches),
-                      "in_sync": all(torch.equal(g, gathered[0]) for g in gathered),
-                      "disjoint": len(set(sum(all_seen, []))) == sum(map(len, all_seen))}), flush=True)
+    report = {"rank": run.rank, "world": run.world_size, "steps": len(batches),
+              "in_sync": all(torch.equal(g, gathered[0]) for g in gathered),
+              "disjoint": len(set(sum(all_seen, []))) == sum(map(len, all_seen))}
+    # one file per rank: the ranks share stdout, where two lines written at once can interleave
+    with open(f"{sys.argv[3]}/report-{run.rank}.json", "w") as f:
+        json.dump(report, f)
     if run.is_main:
         run.save(lambda d: (d / "weights.json").write_text(json.dumps(flat.tolist())))
     return run.finish({"steps": len(batches)})
@@ -127,10 +130,11 @@ with StageRunner("toy", args) as run:
 def test_the_runner_under_torchrun_keeps_ranks_in_step_and_writes_on_rank_0(tmp_path):
     script = tmp_path / "toy_stage.py"
     script.write_text(RUNNER_SCRIPT)
-    proc = run_torchrun([str(script), str(tmp_path / "out"), str(tmp_path / "runs")])
+    reports_dir = tmp_path / "reports"
+    reports_dir.mkdir()
+    proc = run_torchrun([str(script), str(tmp_path / "out"), str(tmp_path / "runs"), str(reports_dir)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    reports = [json.loads(p.read_text()) for p in sorted(reports_dir.glob("report-*.json"))]
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["world"] == 2 and r["steps"] == 3 and r["in_sync"] and r["disjoint"] for r in reports)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["weights.json"]
