@@ -22,8 +22,10 @@ Honest accounting:
 - a method's trainable parameters and training time include every stage it needs: Diff-Prompt's
   DiT and Mask-VAE (stages 1-2) besides its adapters and prompts (stage 3);
 - the pointer-ranking row ranks the frozen foundation's own boxes by the token DiT's pointer head,
-  no diffusion and no prompts (`DiffPromptPipeline.pointer_ranking`): the simplest use of the parts
-  Diff-Prompt carries, which the full pipeline has to beat.
+  no diffusion and no prompts (`DiffPromptPipeline.pointer_ranking`), and the foundation-plus-pointer
+  row ranks them by foundation logit + w x pointer log-probability (w of `--fusion-weights` chosen on
+  val): the simplest uses of the parts Diff-Prompt carries, which the full pipeline has to beat (an
+  acceptance check); each token Diff-Prompt job also gets a fused row (`pointer_weight` chosen on val).
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ BASELINES = ("vpt", "coop", "maple", "clip_adapter", "linear_probe")
 LABELS = {"foundation": "Frozen foundation (zero-shot)", "vpt": "VPT-deep", "coop": "CoOp (deep text prompts)",
           "maple": "MaPLe", "clip_adapter": "CLIP-Adapter", "linear_probe": "Linear probe (heads)",
           "pointer": "Pointer ranking (foundation's boxes, DiT pointer head; no diffusion, no prompts)",
+          "pointer-fused": "Foundation + pointer fusion (no diffusion, no prompts; weight chosen on val)",
           "diffprompt-pooled": "Diff-Prompt, pooled conditioning (paper)",
           "diffprompt-tokens": "Diff-Prompt, token conditioning (ours)",
           "diffprompt-tokens-fused": "Diff-Prompt, token conditioning + pointer fusion (weight chosen on val)"}
 MODES = ("diffprompt-pooled", "diffprompt-tokens", "diffprompt-tokens-fused")
+SIMPLER = ("pointer", "pointer-fused")  # uses of Diff-Prompt's parts without diffusion: the pipeline must beat them
 SERVED_STEPS = "5"  # the service's DDIM step count: what the best mode is chosen at
 # Stages 1-2 of the committed generators, timed alone on the 2-core machine (docs/results.md,
 # 'Training-time budget'); None = not measured. `--from-scratch` measures its own.
@@ -166,10 +170,36 @@ def run_job(job: Job, cfg: dict) -> dict:
                 per_split[split] = {k: v for k, v in acc.summary()[-1].as_dict().items() if k != "group"}
     evals = {steps: by_seed[str(sampling[0])] for steps, by_seed in runs.items()}
     result = {"job": asdict(job), **summary, "seconds": time.time() - t0, "eval": evals, "sampling": runs}
+    if job.method == "pointer" and cfg.get("fusion_weights"):
+        result["fused"] = foundation_fused_runs(cfg)
     if job.conditioning == "tokens" and job.main_row and pipeline.dit.pointer and cfg.get("fusion_weights"):
         result["fused"] = fused_runs(pipeline, cfg, sampling)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _split_metrics(pipeline, cfg: dict, split: str, seed: int = 0) -> dict:
+    from diffprompt.training.data.mdetr import load_mdetr
+    from diffprompt.training.evaluation.rec import evaluate_samples
+
+    samples = list(load_mdetr(Path(cfg["data_dir"]) / f"{split}.json"))
+    acc = evaluate_samples(pipeline, pipeline.tokenizer, samples, progress=False, seed=seed, seed_policy="service")
+    return {k: v for k, v in acc.summary()[-1].as_dict().items() if k != "group"}
+
+
+def foundation_fused_runs(cfg: dict) -> dict:
+    """The foundation's boxes ranked by its logit + w x the pointer's log-probability (no diffusion, no
+    prompts), w of cfg["fusion_weights"] with the highest val R@1, then every split at that weight."""
+    from diffprompt.training.models.diffprompt import DiffPromptPipeline
+
+    pipeline = DiffPromptPipeline.pointer_ranking(cfg["foundation"], cfg["dit_tokens"], fused_with_foundation=0.0)
+    val_r1 = {}
+    for weight in cfg["fusion_weights"]:
+        pipeline.pointer_weight = weight
+        val_r1[weight] = _split_metrics(pipeline, cfg, "val")["R@1"]
+    pipeline.pointer_weight = max(val_r1, key=lambda w: (val_r1[w], -w))
+    return {"pointer_weight": pipeline.pointer_weight, "val_R@1_by_weight": val_r1,
+            "sampling": {"0": {"0": {split: _split_metrics(pipeline, cfg, split) for split in SPLITS}}}}
 
 
 def fused_runs(pipeline, cfg: dict, sampling: list[int]) -> dict:
@@ -178,20 +208,13 @@ def fused_runs(pipeline, cfg: dict, sampling: list[int]) -> dict:
     at that weight. -> {"pointer_weight": w, "sampling": {steps: {seed: {split: metrics}}}}"""
     from diffprompt.training.data.mdetr import load_mdetr
     from diffprompt.training.evaluation.fusion import choose_pointer_weight, collect
-    from diffprompt.training.evaluation.rec import evaluate_samples
 
     pipeline.steps = int(SERVED_STEPS)
     val = list(load_mdetr(Path(cfg["data_dir"]) / "val.json"))
     weight = choose_pointer_weight(collect(pipeline, val, sampling, "service"), cfg["fusion_weights"])
     pipeline.pointer_weight = weight
-    runs: dict = {SERVED_STEPS: {}}
-    for sampling_seed in sampling:
-        per_split = runs[SERVED_STEPS].setdefault(str(sampling_seed), {})
-        for split in SPLITS:
-            samples = list(load_mdetr(Path(cfg["data_dir"]) / f"{split}.json"))
-            acc = evaluate_samples(pipeline, pipeline.tokenizer, samples, progress=False, seed=sampling_seed,
-                                   seed_policy="service")
-            per_split[split] = {k: v for k, v in acc.summary()[-1].as_dict().items() if k != "group"}
+    runs = {SERVED_STEPS: {str(seed): {split: _split_metrics(pipeline, cfg, split, seed) for split in SPLITS}
+                           for seed in sampling}}
     pipeline.pointer_weight = 0.0
     return {"pointer_weight": weight, "sampling": runs}
 
@@ -255,7 +278,7 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
              "1-2 too; n/a: a stage's time was not measured).", "",
              "| Method | DDIM steps | trainable params | train s | val R@1 / R@5 / UB | testA R@1 / R@5 / UB | "
              "testB R@1 / R@5 / UB | mean(testA, testB) R@1 |", "|---|---|---|---|---|---|---|---|"]
-    order = ["foundation", "pointer", *BASELINES, *MODES]
+    order = ["foundation", *SIMPLER, *BASELINES, *MODES]
     means = {}
     for row in order:
         if row not in table:
@@ -317,6 +340,9 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
             "val R@1 of the best mode minus the foundation's": 100 * (dp["val"] - means[("foundation", "0")]["val"]),
             "val R@1 of the best mode minus the pointer ranking's (> 0)":
                 100 * (dp["val"] - means[("pointer", "0")]["val"]) if ("pointer", "0") in means else float("nan"),
+            "val R@1 of the best mode minus the best use of its parts without diffusion (> 0)":
+                100 * (dp["val"] - means[(simpler, "0")]["val"])
+                if (simpler := choose_on_val(means, SIMPLER, "0")) else float("nan"),
             "gain over foundation, mean(testA, testB) R@1 (>= 9 points)": gain,
             "testB R@1 minus best baseline's (> 0)": 100 * (dp["testB"] - base["testB"]),
             "5-step / 25-step mean(testA, testB) R@1 (>= 0.98)":
@@ -334,7 +360,7 @@ def plot_table(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(r, s) for r in ["foundation", "pointer", *BASELINES, *MODES] if r in table
+    rows = [(r, s) for r in ["foundation", *SIMPLER, *BASELINES, *MODES] if r in table
             for s in sorted((k for k in table[r] if not k.startswith("_")), key=lambda s: -int(s))
             if not (r == "diffprompt-tokens" and s not in ("25", "5"))]
     fig, ax = plt.subplots(figsize=(12, 4.5))

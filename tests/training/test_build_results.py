@@ -162,3 +162,23 @@ def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):
     mtime = (tmp_path / "work" / "vpt-s0" / "results.json").stat().st_mtime_ns
     assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
     assert (tmp_path / "work" / "vpt-s0" / "results.json").stat().st_mtime_ns == mtime  # not rerun
+
+
+def test_pointer_job_counts_stages_1_2_and_fuses_on_val(tiny_pipeline_dir, small_world, tmp_path):
+    """The pointer-ranking job on the tiny pipeline's DiT: no training of its own, the generators' cost,
+    and the no-diffusion fusion row with a weight of the given grid."""
+    root = tiny_pipeline_dir.parent
+    argv = ["--work-dir", str(tmp_path / "work"), "--foundation", str(root / "foundation"),
+            "--mask-vae", str(root / "vae"), "--dit-tokens", str(root / "dit"), "--data-dir", str(small_world),
+            "--seeds", "0", "--only", "pointer", "--fusion-weights", "1", "3", "--threads", "1",
+            "--report", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"), "--masks", str(tmp_path / "m.png"),
+            "--no-progress"]
+    assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
+    done = json.loads((tmp_path / "work" / "pointer" / "results.json").read_text())
+    assert done["trainable_parameters"] == (build_results.count_parameters(root / "vae")
+                                            + build_results.count_parameters(root / "dit"))
+    assert done["train_seconds"] is None  # not the committed generators: their time is unknown, not 0
+    assert done["fused"]["pointer_weight"] in (1.0, 3.0)
+    assert set(done["fused"]["val_R@1_by_weight"]) == {"1.0", "3.0"}
+    report = (tmp_path / "r.md").read_text()
+    assert "Pointer ranking" in report and "Foundation + pointer fusion" in report and "| n/a |" in report

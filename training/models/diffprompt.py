@@ -112,12 +112,16 @@ class DiffPromptPipeline:
         return cls(*load_foundation(directory), None)
 
     @classmethod
-    def pointer_ranking(cls, foundation: str | Path, prompt_dit: str | Path) -> DiffPromptPipeline:
-        """The frozen foundation's own boxes ranked by the DiT's pointer logit: no diffusion, no prompts."""
+    def pointer_ranking(cls, foundation: str | Path, prompt_dit: str | Path,
+                        fused_with_foundation: float | None = None) -> DiffPromptPipeline:
+        """The frozen foundation's own boxes ranked by the DiT's pointer logit: no diffusion, no prompts.
+        With `fused_with_foundation` w: by the foundation's logit + w x the pointer's log-probability."""
         dit, scheduler = load_dit(prompt_dit)
         if not dit.pointer:
             raise CheckpointError(f"{prompt_dit}: the DiT has no pointer head (context_layers 0)")
-        return cls(*load_foundation(foundation), None, None, dit, scheduler, pointer_only=True)
+        if fused_with_foundation is None:
+            return cls(*load_foundation(foundation), None, None, dit, scheduler, pointer_only=True)
+        return cls(*load_foundation(foundation), None, None, dit, scheduler, pointer_weight=fused_with_foundation)
 
     @torch.no_grad()
     def pointer_map(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
