@@ -225,5 +225,6 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
         export_max_abs_diff=diffs, dtype=PRECISIONS[precision], no_match=no_match,
+        pointer_weight=pipeline.pointer_weight if diffprompt else 0.0,
     )
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))

@@ -2,11 +2,13 @@
 
 An upper bound for a perfect prompt generator: every prompted layer gets the referred object's
 true mask (as +-4 logits). Trains exactly like `diffprompt train-prompts --method diffprompt`,
-then scores val / testA / testB (first 300 expressions each) with the true masks.
+then scores val (first 300 expressions; `DIAGNOSE_SPLITS="val testA testB"` for the test splits
+too, to report, never to choose) with the true masks.
 
     python scripts/diagnose_oracle_masks.py --method diffprompt --output /tmp/dp_oracle --eval-every 0
 """
 
+import os
 import sys
 import tempfile
 
@@ -35,7 +37,7 @@ def main() -> None:
         args.mask_cache = cache
         tp.main(args)
     p = DiffPromptPipeline.from_pretrained(args.output)
-    for split in ["val", "testA", "testB"]:
+    for split in os.environ.get("DIAGNOSE_SPLITS", "val").split():
         samples = load_split(f"{args.data_dir}/{split}.json", args.image_root, 300)
         data = load_rec_arrays(samples, p.image_spec, p.learner.config.mask_size, progress=False)
         ids, mask = (torch.from_numpy(a) for a in p.tokenizer([s.expression for s in samples]))

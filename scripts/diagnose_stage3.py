@@ -4,9 +4,10 @@ Splits the expressions of a split by whether the generated mask is on the referr
 (the shallowest layer's mask, the final DDIM output, has its highest logit inside the true
 mask: `hit`), and reports R@1 of the prompted pipeline and of the frozen foundation on each
 part. A pipeline that reads its masks gains most where they hit; one that ignores them gains
-the same (or nothing) on both parts. Masks are sampled with the evaluation's seeds.
+the same (or nothing) on both parts. Masks are sampled with per-expression seeds (`--seed`, as
+`diffprompt evaluate --seed-policy expression`).
 
-    python scripts/diagnose_stage3.py --pipeline checkpoints/diffprompt --split val testB
+    python scripts/diagnose_stage3.py --pipeline checkpoints/diffprompt --split val
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", default="checkpoints/diffprompt")
     p.add_argument("--data-dir", default="data/synthetic")
-    p.add_argument("--split", nargs="+", default=["val", "testB"])
+    p.add_argument("--split", nargs="+", default=["val"], help="choices are read off val; test splits only to report")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (as `diffprompt evaluate --seed`)")
     p.add_argument("--threads", type=int, default=2)

@@ -163,3 +163,17 @@ def calibrated_pipeline_dir(tiny_pipeline_dir) -> Path:
         shutil.copytree(tiny_pipeline_dir, out)
         write_calibration(out, dataclasses.replace(tiny_calibration(out, 3), fingerprint=weights_fingerprint(out)))
     return out
+
+
+@pytest.fixture(scope="session")
+def fused_pipeline_dir(tiny_pipeline_dir) -> Path:
+    """The tiny pipeline with the pointer fusion on (pointer_weight 1.5 in pipeline.json)."""
+    import json
+    import shutil
+
+    out = tiny_pipeline_dir.with_name("diffprompt_fused")  # a sibling: pipeline.json's paths still hold
+    if not out.exists():
+        shutil.copytree(tiny_pipeline_dir, out)
+        spec = json.loads((out / "pipeline.json").read_text())
+        (out / "pipeline.json").write_text(json.dumps({**spec, "pointer_weight": 1.5}))
+    return out

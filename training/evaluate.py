@@ -12,8 +12,10 @@ official MDETR evaluator's. `--out` also writes the tables as JSON.
 
 `--checkpoint` is a foundation directory (config.json + model.safetensors + tokenizer.json)
 or a pipeline directory written by `diffprompt train-prompts` (it has pipeline.json): then
-the prompts, and for Diff-Prompt the DDIM sampler with `--ddim-steps` and noise seeded per
-expression from `--seed`, are used.
+the prompts, and for Diff-Prompt the DDIM sampler with `--ddim-steps` and noise seeded from
+`--seed` by `--seed-policy`: `service` (the default, the product's policy) seeds every expression
+with the raw seed, as `POST /v1/ground` does with a request's `seed` (default 0); `expression`
+seeds each expression with (seed, sample id), independent noise per expression.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from diffprompt.cli import non_negative_int, positive_int
 from diffprompt.core.errors import UserError
 from diffprompt.core.providers import PROVIDER_NAMES
 from diffprompt.training.data.synthetic.splits import SPLITS
-from diffprompt.training.options import add_image_root_arg
+from diffprompt.training.options import SEED_POLICIES, add_image_root_arg
 
 
 def main(args: argparse.Namespace) -> int:
@@ -66,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     for name, path in datasets:
         samples = load_split(path, args.image_root, args.limit)
         acc = evaluate_samples(model, tokenizer, samples, criterion=args.criterion, batch_size=args.batch_size,
-                               progress=args.progress, seed=args.seed)
+                               progress=args.progress, seed=args.seed, seed_policy=args.seed_policy)
         print(f"\n{name} ({path}, {len(samples)} expressions, {args.criterion.upper()} >= 0.5)")
         print(acc.format_table())
         report[name] = [row.as_dict() for row in acc.summary()]
@@ -74,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint or args.artifact),
                                               "criterion": args.criterion,
                                               "ddim_steps": args.ddim_steps, "seed": args.seed,
+                                              "seed_policy": args.seed_policy,
                                               "results": report}, indent=2))
     return 0
 
@@ -93,8 +96,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="expressions per forward pass (lower it for big models)")
     p.add_argument("--criterion", default="iou", choices=["iou", "giou"])
     p.add_argument("--ddim-steps", type=positive_int, default=25, help="Diff-Prompt sampling steps")
-    p.add_argument("--seed", type=non_negative_int, default=0,
-                   help="Diff-Prompt noise seed (per expression: seed, sample id)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="Diff-Prompt noise seed")
+    p.add_argument("--seed-policy", choices=list(SEED_POLICIES), default="service",
+                   help="service: every expression gets --seed, as the service does (default); "
+                        "expression: (seed, sample id) per expression")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N expressions only")
     p.add_argument("--out", default=None, help="also write the tables as JSON here")
     p.add_argument("--threads", type=positive_int, default=2)

@@ -11,6 +11,11 @@ import argparse
 
 from diffprompt.cli import non_negative_int, positive_int
 
+# How a Diff-Prompt evaluation seeds each expression's noise (training/evaluation/rec.py, expression_seeds):
+# "service" = the raw seed for every expression, as POST /v1/ground does (the product's policy);
+# "expression" = (seed, sample id) per expression.
+SEED_POLICIES = ("service", "expression")
+
 
 def add_data_args(p: argparse.ArgumentParser, train: str = "train", val: str = "val",
                   val_limit: int | None = None) -> None:

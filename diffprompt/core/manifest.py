@@ -121,6 +121,9 @@ class Manifest:
     dtype: str = "float32"
     export_max_abs_diff: dict[str, float] = field(default_factory=dict)
     no_match: NoMatchCalibration | None = None  # P(no match) from the outputs (diffprompt.core.no_match)
+    # fusion: each box's logit + pointer_weight x the pointer's log-probability of its patch relative to
+    # uniform (the condition encoder's last `maps` channel); 0 = the grounding logits alone
+    pointer_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -133,7 +136,8 @@ class Manifest:
     _SAMPLER_KEYS = ("conditioning", "denoiser_conditions", "latent_shape", "mask_size", "prediction_type",
                      "clip_sample_range", "schedule", "kept_outputs", "prompt_depth", "prompt_length")
     _KNOWN = {"format_version", "name", "created", "versions", "method", "dtype", "image", "tokenizer",
-              "ddim_steps", "graphs", "export_max_abs_diff", "files", "model_version", "no_match", *_SAMPLER_KEYS}
+              "ddim_steps", "graphs", "export_max_abs_diff", "files", "model_version", "no_match", "pointer_weight",
+              *_SAMPLER_KEYS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_FILE) -> Manifest:
@@ -162,6 +166,11 @@ class Manifest:
                 if no_match.needs - computed:
                     raise ArtifactError(f"{where}: the no_match calibration reads {sorted(no_match.needs - computed)}, "
                                         "which this artifact does not compute")
+            pointer_weight = float(d.get("pointer_weight", 0.0))
+            if not 0 <= pointer_weight < float("inf"):
+                raise ArtifactError(f"{where}: pointer_weight must be a finite number >= 0, got {pointer_weight}")
+            if pointer_weight and "maps" not in (sampler.denoiser_conditions if sampler else ()):
+                raise ArtifactError(f"{where}: pointer_weight needs a condition encoder with the pointer's `maps`")
             if no_match is not None and no_match.ddim_steps != int(d["ddim_steps"]):
                 raise ArtifactError(f"{where}: the no_match calibration was fitted at {no_match.ddim_steps} DDIM "
                                     f"steps, the artifact runs {d['ddim_steps']}")
@@ -174,7 +183,7 @@ class Manifest:
                 files=dict(d["files"]), num_patches=d["image"].get("num_patches"), sampler=sampler,
                 created=d.get("created", ""), versions=dict(d.get("versions", {})), dtype=d.get("dtype", "float32"),
                 export_max_abs_diff=dict(d.get("export_max_abs_diff", {})), no_match=no_match,
-                extra={k: v for k, v in d.items() if k not in cls._KNOWN})
+                pointer_weight=pointer_weight, extra={k: v for k, v in d.items() if k not in cls._KNOWN})
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError) as e:
@@ -203,6 +212,8 @@ class Manifest:
                 "kept_outputs": list(s.kept_outputs), "prompt_depth": dict(s.prompt_depth),
                 "prompt_length": s.prompt_length,
             })
+        if self.pointer_weight:
+            d["pointer_weight"] = self.pointer_weight
         if self.no_match is not None:
             d["no_match"] = self.no_match.to_dict()
         d["files"] = self.files

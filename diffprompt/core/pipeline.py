@@ -7,6 +7,11 @@ an onnxruntime session in `GroundingRuntime`, a BLS call in the Triton Python mo
 Diff-Prompt artifact the pipeline is
 
     condition_encoder -> DDIM loop (one `denoiser` call per step, numpy update) -> prompt_builder -> grounding
+                                                                                     -> fusion (numpy)
+
+where the fusion (`Manifest.pointer_weight` w > 0) adds w x the DiT pointer's log-probability of each
+box's patch relative to uniform (the condition encoder's last `maps` channel) to the box's logit,
+as `DiffPromptPipeline` does in PyTorch,
 
 and for a foundation or baseline artifact just `grounding`. A calibrated artifact also gets
 P(no match) per row from those outputs (`Manifest.no_match`, diffprompt.core.no_match). The
@@ -100,11 +105,21 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
     t3 = clock()
     logits, boxes = infer("grounding", {**base, "vision_prompts": vision, "text_prompts": text},
                           _outputs(manifest, "grounding"))
+    if manifest.pointer_weight:
+        logits = fuse_pointer(logits, conditions["maps"], manifest.pointer_weight)
     t4 = clock()
     seconds = {"condition": t1 - t0, "sampler": t2 - t1, "prompt_builder": t3 - t2, "grounding": t4 - t3}
     mask_logits = np.ascontiguousarray(masks[:, 0, 0], dtype=np.float32)  # shallowest layer's mask = final x0
     result = GroundingResult(sigmoid(logits), boxes, mask_logits, seconds)
     return _with_no_match(manifest, result, base["attention_mask"], conditions)
+
+
+def fuse_pointer(logits: np.ndarray, maps: np.ndarray, weight: float) -> np.ndarray:
+    """logits (B, P) + weight x the pointer's log-probability map (maps[:, -1], (B, g, g), g x g = P)."""
+    pointer = maps[:, -1].reshape(len(maps), -1)
+    if pointer.shape != logits.shape:
+        raise ValueError(f"pointer map {maps.shape[1:]} does not match {logits.shape[1]} boxes")
+    return (logits + np.float32(weight) * pointer).astype(np.float32)
 
 
 def _with_no_match(manifest: Manifest, result: GroundingResult, attention_mask: np.ndarray,

@@ -272,3 +272,29 @@ def test_export_refuses_a_calibration_fitted_on_other_weights(calibrated_pipelin
     with pytest.raises(CheckpointError, match="no_match-3steps.json: fitted on other weights.*--overwrite"):
         main(build_parser().parse_args(["--pipeline", str(stale), "--steps", "3", "--out", str(tmp_path),
                                         "--threads", "1", "--no-progress"]))
+
+
+def test_the_pointer_fusion_is_exported_and_both_runtimes_agree(fused_pipeline_dir, tiny_pipeline_dir, tmp_path):
+    """pointer_weight goes into the manifest; the numpy pipeline fuses like DiffPromptPipeline does."""
+    out = tmp_path / "art"
+    assert main(build_parser().parse_args(["--pipeline", str(fused_pipeline_dir), "--steps", "3", "--out", str(out),
+                                           "--name", "fused", "--threads", "1", "--no-progress"])) == 0
+    manifest = validate_artifact(out / "fused-3steps")
+    assert manifest.pointer_weight == 1.5
+    runtime = GroundingRuntime.load(out / "fused-3steps", CPU)
+    pipeline = DiffPromptPipeline.from_pretrained(fused_pipeline_dir, steps=3)
+    plain = DiffPromptPipeline.from_pretrained(tiny_pipeline_dir, steps=3)
+    pixels, ids, mask = _batch(pipeline)
+    seeds = [5, 6, 7, 8]
+    got = runtime.ground(pixels.numpy(), ids, mask, seeds)
+    out_t, _ = pipeline(pixels, torch.from_numpy(ids), torch.from_numpy(mask), seeds)
+    want = torch.sigmoid(out_t.logits[..., 0]).numpy()
+    np.testing.assert_allclose(got.scores, want, atol=1e-4)
+    np.testing.assert_array_equal(np.argsort(-got.scores, axis=1)[:, :5], np.argsort(-want, axis=1)[:, :5])
+    unfused = torch.sigmoid(plain(pixels, torch.from_numpy(ids), torch.from_numpy(mask), seeds)[0].logits[..., 0])
+    assert np.abs(want - unfused.numpy()).max() > 0.01  # the fusion changed the scores: the check compares something
+    bad = json.loads((out / "fused-3steps" / MANIFEST_FILE).read_text())
+    with pytest.raises(ArtifactError, match="pointer_weight"):
+        from diffprompt.core.manifest import Manifest
+
+        Manifest.from_dict({**bad, "pointer_weight": -2.0})

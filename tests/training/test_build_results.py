@@ -8,15 +8,54 @@ import pytest
 import torch
 
 from diffprompt.training import build_results
-from diffprompt.training.build_results import BASELINES, Job, aggregate, plan, render_report
+from diffprompt.training.build_results import BASELINES, Job, aggregate, choose_on_val, plan, render_report
 
 
-def _result(job: Job, r1: dict[str, float], params: int = 10) -> dict:
-    steps = job.eval_steps if job.method == "diffprompt" else [0]
-    ev = {str(s): {sp: {"n": 100, "R@1": r1[sp] * (0.99 if s == 5 else 1.0), "R@5": 0.9, "UB": 1.0}
-                   for sp in ("val", "testA", "testB")} for s in steps}
+def _result(job: Job, r1: dict[str, float], params: int = 10, sampling: dict[int, float] | None = None) -> dict:
+    """A results.json; `sampling` maps sampling seed -> an offset added to every R@1 of that seed."""
     from dataclasses import asdict
-    return {"job": asdict(job), "trainable_parameters": params, "train_seconds": 1.0, "seconds": 1.0, "eval": ev}
+
+    steps = job.eval_steps if job.method == "diffprompt" else [0]
+    offsets = sampling or {0: 0.0}
+    runs = {str(s): {str(seed): {sp: {"n": 100, "R@1": r1[sp] * (0.99 if s == 5 else 1.0) + off, "R@5": 0.9,
+                                      "UB": 1.0} for sp in ("val", "testA", "testB")}
+                     for seed, off in offsets.items()} for s in steps}
+    ev = {s: by_seed[str(next(iter(offsets)))] for s, by_seed in runs.items()}
+    return {"job": asdict(job), "trainable_parameters": params, "train_seconds": 1.0, "seconds": 1.0, "eval": ev,
+            "sampling": runs}
+
+
+def _means(val: dict[str, float], test: dict[str, float]) -> dict:
+    """A fake `means` table: row -> val R@1 and a testB R@1 (at steps "0")."""
+    return {(row, "0"): {"val": v, "testA": test[row], "testB": test[row], "mean_ab": test[row]}
+            for row, v in val.items()}
+
+
+def test_choose_on_val_ignores_the_test_splits():
+    means = _means({"vpt": 0.40, "coop": 0.35, "maple": 0.30}, {"vpt": 0.20, "coop": 0.25, "maple": 0.50})
+    assert choose_on_val(means, BASELINES, "0") == "vpt"  # maple has the best test numbers, vpt the best val
+    assert choose_on_val(means, ["coop", "maple"], "0") == "coop"
+    assert choose_on_val(means, BASELINES, "5") is None  # no row at that step count
+    assert choose_on_val(means, ["linear_probe"], "0") is None  # a row without results is never chosen
+
+
+def test_report_picks_best_mode_and_baseline_on_val():
+    """The pooled mode and MaPLe are best on the test splits, the token mode and CoOp on val: val decides."""
+    results = [_result(Job("foundation", "foundation"), {"val": 0.30, "testA": 0.40, "testB": 0.20}),
+               _result(Job("pointer", "pointer"), {"val": 0.50, "testA": 0.50, "testB": 0.30})]
+    for seed in (0, 1):
+        for method, r1 in {"coop": {"val": 0.45, "testA": 0.40, "testB": 0.20},
+                           "maple": {"val": 0.35, "testA": 0.60, "testB": 0.40}}.items():
+            results.append(_result(Job(f"{method}-s{seed}", method, seed), r1))
+        for mode, r1 in {"pooled": {"val": 0.40, "testA": 0.90, "testB": 0.80},
+                         "tokens": {"val": 0.60, "testA": 0.60, "testB": 0.45}}.items():
+            results.append(_result(Job(f"diffprompt-{mode}-s{seed}", "diffprompt", seed, mode, eval_steps=[25, 5]), r1))
+    _, data = render_report(results, "diffprompt results", [0, 1])
+    checks = data["checks"]
+    assert checks["best mode (highest val R@1 at the served steps)"] == "diffprompt-tokens, 5 DDIM steps"
+    assert checks["best baseline (highest val R@1)"] == "coop"
+    assert checks["testB R@1 minus best baseline's (> 0)"] == pytest.approx(100 * (0.45 * 0.99 - 0.20))
+    assert checks["val R@1 of the best mode minus the pointer ranking's (> 0)"] == pytest.approx(100 * (0.594 - 0.5))
 
 
 def test_plan_has_every_row_for_every_seed():
@@ -40,7 +79,7 @@ def test_report_means_spreads_and_checks():
     jobs = plan([0, 1], [9], [5, 25])
     results = []
     for j in jobs:
-        if j.method == "foundation":
+        if j.method in ("foundation", "pointer"):
             r1 = {"val": 0.30, "testA": 0.40, "testB": 0.20}
         elif j.method == "diffprompt" and j.conditioning == "tokens" and j.mask_input == "tanh":
             r1 = {"val": 0.35, "testA": 0.45, "testB": 0.25}  # the ablation stays out of the main rows
@@ -54,13 +93,54 @@ def test_report_means_spreads_and_checks():
     report, data = render_report(results, "diffprompt results --seeds 0 1", [0, 1])
     assert "46.00 ± 1.41" in report  # testB R@1 of the token rows, mean ± sample std
     checks = data["checks"]
-    assert checks["best mode"] == "diffprompt-tokens"
-    assert checks["gain over foundation, mean(testA, testB) R@1 (>= 9 points)"] == pytest.approx(23.0)
-    assert checks["testB R@1 minus best baseline's (> 0)"] == pytest.approx(6.0)
+    assert checks["best mode (highest val R@1 at the served steps)"] == "diffprompt-tokens, 5 DDIM steps"
+    assert checks["gain over foundation, mean(testA, testB) R@1 (>= 9 points)"] == pytest.approx(
+        100 * (0.99 * (0.60 + 0.46) / 2 - 0.30))  # at the served 5 steps
+    assert checks["testB R@1 minus best baseline's (> 0)"] == pytest.approx(100 * (0.99 * 0.46 - 0.40))
     assert checks["5-step / 25-step mean(testA, testB) R@1 (>= 0.98)"] == pytest.approx(0.99)
     assert "diffprompt results --seeds 0 1" in report
     assert "| tanh of the logits | 35.00 ± 0.00 | 45.00 ± 0.00 | 25.00 ± 0.00 | 35.00 ± 0.00 |" in report
     assert "| standardised per mask (default) | 60.00 ± 0.00 | 60.00 ± 0.00 | 46.00 ± 1.41 | 53.00 ± 0.71 |" in report
+
+
+def test_spread_counts_sampling_seeds_and_costs_count_every_stage():
+    job = Job("diffprompt-tokens-s0", "diffprompt", 0, "tokens", eval_steps=[5])
+    r = _result(job, {"val": 0.50, "testA": 0.50, "testB": 0.50}, params=4_000_000,
+                sampling={0: 0.0, 1: 0.02, 2: -0.02})
+    table = aggregate([r])
+    assert table["diffprompt-tokens"]["5"]["val"]["R@1"] == pytest.approx([0.495, 0.515, 0.475])
+    old = dict(r)
+    del old["sampling"]  # a results.json from before sampling seeds: its one evaluation
+    assert aggregate([old])["diffprompt-tokens"]["5"]["val"]["R@1"] == pytest.approx([0.495])
+    report, _ = render_report([r], "diffprompt results", [0])
+    assert "| 4,000,000 | 1 |" in report and "49.50 ± 2.00" in report
+
+
+def test_the_fused_row_is_a_mode_chosen_on_val_with_its_weights():
+    job = Job("diffprompt-tokens-s0", "diffprompt", 0, "tokens", eval_steps=[25, 5])
+    results = [_result(Job("foundation", "foundation"), {"val": 0.30, "testA": 0.40, "testB": 0.20}),
+               _result(job, {"val": 0.45, "testA": 0.60, "testB": 0.30})]
+    fused = _result(job, {"val": 0.55, "testA": 0.50, "testB": 0.25})
+    results[1]["fused"] = {"pointer_weight": 2.0, "sampling": {"5": fused["sampling"]["5"]}}
+    table = aggregate(results)
+    assert table["diffprompt-tokens-fused"]["5"]["val"]["R@1"] == pytest.approx([0.55 * 0.99])
+    assert table["diffprompt-tokens-fused"]["_pointer_weight"] == [2.0]
+    report, data = render_report(results, "diffprompt results", [0])
+    assert "pointer fusion (weight chosen on val) (weights [2.0])" in report
+    assert data["checks"]["best mode (highest val R@1 at the served steps)"] == "diffprompt-tokens-fused, 5 DDIM steps"
+
+
+def test_generator_cost_adds_stages_1_and_2(tmp_path):
+    from safetensors.numpy import save_file
+
+    for name, shape in (("vae", (3, 4)), ("dit", (10,))):
+        (tmp_path / name).mkdir()
+        save_file({"w": __import__("numpy").zeros(shape, "f4")}, str(tmp_path / name / "model.safetensors"))
+    cfg = {"mask_vae": str(tmp_path / "vae"), "dit_tokens": str(tmp_path / "dit"),
+           "generator_seconds": {"mask_vae": 100.0, "tokens": 600.0, "pooled": None}}
+    assert build_results.generator_cost(cfg, "tokens") == (22, 700.0)
+    cfg["dit_pooled"] = cfg["dit_tokens"]
+    assert build_results.generator_cost(cfg, "pooled") == (22, None)  # not measured: no made-up time
 
 
 def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):
@@ -82,3 +162,23 @@ def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):
     mtime = (tmp_path / "work" / "vpt-s0" / "results.json").stat().st_mtime_ns
     assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
     assert (tmp_path / "work" / "vpt-s0" / "results.json").stat().st_mtime_ns == mtime  # not rerun
+
+
+def test_pointer_job_counts_stages_1_2_and_fuses_on_val(tiny_pipeline_dir, small_world, tmp_path):
+    """The pointer-ranking job on the tiny pipeline's DiT: no training of its own, the generators' cost,
+    and the no-diffusion fusion row with a weight of the given grid."""
+    root = tiny_pipeline_dir.parent
+    argv = ["--work-dir", str(tmp_path / "work"), "--foundation", str(root / "foundation"),
+            "--mask-vae", str(root / "vae"), "--dit-tokens", str(root / "dit"), "--data-dir", str(small_world),
+            "--seeds", "0", "--only", "pointer", "--fusion-weights", "1", "3", "--threads", "1",
+            "--report", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"), "--masks", str(tmp_path / "m.png"),
+            "--no-progress"]
+    assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
+    done = json.loads((tmp_path / "work" / "pointer" / "results.json").read_text())
+    assert done["trainable_parameters"] == (build_results.count_parameters(root / "vae")
+                                            + build_results.count_parameters(root / "dit"))
+    assert done["train_seconds"] is None  # not the committed generators: their time is unknown, not 0
+    assert done["fused"]["pointer_weight"] in (1.0, 3.0)
+    assert set(done["fused"]["val_R@1_by_weight"]) == {"1.0", "3.0"}
+    report = (tmp_path / "r.md").read_text()
+    assert "Pointer ranking" in report and "Foundation + pointer fusion" in report and "| n/a |" in report

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from diffprompt.core.images import mask_from_input_frame, mask_to_input_frame
-from diffprompt.training.models.diffprompt import DiffPromptPipeline, foundation_conditions
+from diffprompt.training.models.diffprompt import DiffPromptPipeline, foundation_conditions, weights_fingerprint
 from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 from diffprompt.training.models.mask_vae import MaskVAE, build_mask_vae, decode_latents, encode_masks, mask_iou
+from diffprompt.training.models.pretrained import CheckpointError
 from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
 from diffprompt.training.models.prompt_learners import (
     LEARNERS,
@@ -515,3 +517,48 @@ def test_a_pipeline_directory_holds_its_parts_and_moves_as_one(tiny_pipeline_dir
     assert pipe.dit is not None and pipe.vae is not None
     write_pipeline_file(moved, moved / "foundation", moved / "mask_vae", moved / "prompt_dit")  # rewriting in place
     assert DiffPromptPipeline.from_pretrained(moved, steps=5).learner is not None
+
+
+def test_pointer_fusion_adds_the_weighted_pointer_map_to_the_prompted_logits(tiny_pipeline, fused_pipeline_dir):
+    fused = DiffPromptPipeline.from_pretrained(fused_pipeline_dir, steps=5)
+    assert fused.pointer_weight == 1.5
+    pixels, ids, mask = _inputs(tiny_pipeline)
+    plain, masks = tiny_pipeline(pixels, ids, mask, [1, 2, 3])
+    out, fused_masks = fused(pixels, ids, mask, [1, 2, 3])
+    torch.testing.assert_close(fused_masks, masks)  # the fusion changes scores, not what the prompts see
+    torch.testing.assert_close(out.pred_boxes, plain.pred_boxes)
+    cond = foundation_conditions(tiny_pipeline.foundation, pixels, ids, mask)
+    log_p = torch.log_softmax(tiny_pipeline.dit.prepare_conditions(**cond)["pointer_logits"], -1)
+    relative = log_p + math.log(log_p.shape[1])  # relative to uniform: 0 where the pointer has no opinion
+    torch.testing.assert_close(fused.pointer_map(cond), relative, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[..., 0], plain.logits[..., 0] + 1.5 * relative, atol=1e-4, rtol=1e-4)
+
+
+def test_pointer_ranking_ranks_the_foundations_boxes_by_the_pointer(tiny_pipeline, tiny_pipeline_dir):
+    root = tiny_pipeline_dir.parent
+    ranking = DiffPromptPipeline.pointer_ranking(root / "foundation", root / "dit")
+    assert ranking.learner is None and ranking.vae is None
+    pixels, ids, mask = _inputs(tiny_pipeline)
+    out, masks = ranking(pixels, ids, mask, [0, 0, 0])
+    assert masks is None
+    base = tiny_pipeline.foundation(pixels, ids, mask)
+    torch.testing.assert_close(out.pred_boxes, base.pred_boxes)  # the foundation's own boxes
+    cond = foundation_conditions(tiny_pipeline.foundation, pixels, ids, mask)
+    pointer = tiny_pipeline.dit.prepare_conditions(**cond)["pointer_logits"]
+    top = lambda x: x.argsort(-1, descending=True)[:, :3]
+    assert torch.equal(top(out.logits[..., 0]), top(pointer))
+    again, _ = ranking(pixels, ids, mask, [5, 6, 7])  # no noise anywhere: the seed changes nothing
+    assert torch.equal(again.logits, out.logits)
+
+
+def test_pointer_weight_is_checked_and_changes_the_fingerprint(tiny_pipeline_dir, fused_pipeline_dir, tmp_path):
+    import json
+    import shutil
+
+    assert weights_fingerprint(fused_pipeline_dir) != weights_fingerprint(tiny_pipeline_dir)
+    bad = tiny_pipeline_dir.with_name("diffprompt_bad_weight")
+    shutil.copytree(tiny_pipeline_dir, bad, dirs_exist_ok=True)
+    spec = json.loads((bad / "pipeline.json").read_text())
+    (bad / "pipeline.json").write_text(json.dumps({**spec, "pointer_weight": -1}))
+    with pytest.raises(CheckpointError, match="pointer_weight"):
+        DiffPromptPipeline.from_pretrained(bad)

@@ -11,7 +11,7 @@ import torch
 from diffprompt.cli import main as cli_main
 from diffprompt.training.data.mdetr import load_mdetr
 from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
-from diffprompt.training.evaluation.rec import evaluate_samples, predict_samples
+from diffprompt.training.evaluation.rec import evaluate_samples, expression_seeds, predict_samples, sample_seed
 from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 
 
@@ -75,3 +75,19 @@ def test_every_command_has_help(command, capsys):
         cli_main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: diffprompt " + command in capsys.readouterr().out
+
+
+def test_seed_policies_service_gives_every_expression_the_raw_seed(small_world):
+    samples = list(load_mdetr(small_world / "val.json"))[:4]
+    assert expression_seeds(samples, 7) == [7, 7, 7, 7]  # the default: what POST /v1/ground does
+    per_expression = expression_seeds(samples, 7, "expression")
+    assert per_expression == [sample_seed(7, s.sample_id) for s in samples] and len(set(per_expression)) == 4
+    with pytest.raises(ValueError, match="seed policy"):
+        expression_seeds(samples, 7, "request")
+
+
+def test_evaluate_records_its_seed_policy(baby_checkpoint, small_world, tmp_path):
+    out = tmp_path / "e.json"
+    assert cli_main(["evaluate", "--checkpoint", str(baby_checkpoint), "--split", "val", "--data-dir", str(small_world),
+                     "--seed-policy", "expression", "--limit", "8", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["seed_policy"] == "expression"

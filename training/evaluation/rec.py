@@ -6,8 +6,11 @@ image. The model is a `DiffPromptPipeline` (foundation + prompt learner + genera
 `GroundingModel` (the frozen foundation alone), or anything with the same `image_spec` and
 `score(pixels, ids, mask, seeds)` (diffprompt.core.runtime.GroundingRuntime: an exported artifact).
 
-Diff-Prompt's noise is seeded per expression: seed `sample_seed(seed, sample_id)`, so a result
-does not depend on the batch it was computed in.
+Diff-Prompt's noise is seeded by a seed policy (`expression_seeds`). `service` (the default, the
+product's policy) gives every expression the raw seed, as the service does with a request's `seed`
+(default 0), so evaluation measures what a user gets; `expression` gives expression `i` the seed
+`sample_seed(seed, sample_id)`, independent noise per expression (what evaluation did before, and what
+stage 3 trains on). Under both a result does not depend on the batch it was computed in.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from diffprompt.training.data.records import GroundingSample
 from diffprompt.training.evaluation.metrics import RecallAccumulator, ranked_by_score
 from diffprompt.training.models.diffprompt import DiffPromptPipeline
 from diffprompt.training.models.grounding import GroundingModel
+from diffprompt.training.options import SEED_POLICIES
 
 
 @dataclass
@@ -37,6 +41,15 @@ class RankedBoxes:
 def sample_seed(seed: int, sample_id: int) -> int:
     """The noise seed of one expression in an evaluation run with `seed`."""
     return (seed * 1_000_003 + sample_id) % 2**63
+
+
+def expression_seeds(samples: Sequence[GroundingSample], seed: int, policy: str = "service") -> list[int]:
+    """The noise seed of each sample under a seed policy (see the module docstring)."""
+    if policy == "service":
+        return [int(seed)] * len(samples)
+    if policy == "expression":
+        return [sample_seed(seed, s.sample_id) for s in samples]
+    raise ValueError(f"unknown seed policy {policy!r}; expected one of {SEED_POLICIES}")
 
 
 def as_pipeline(model, tokenizer: QueryTokenizer):
@@ -52,6 +65,7 @@ def predict_samples(
     batch_size: int = 64,
     progress: bool = True,
     seed: int = 0,
+    seed_policy: str = "service",
 ) -> list[RankedBoxes]:
     pipeline = as_pipeline(model, tokenizer)
     spec = pipeline.image_spec
@@ -60,7 +74,7 @@ def predict_samples(
     for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
         ids, mask = tokenizer(batch["expressions"])
         index = batch["index"].tolist()
-        seeds = [sample_seed(seed, samples[i].sample_id) for i in index]
+        seeds = expression_seeds([samples[i] for i in index], seed, seed_policy)
         scores, boxes = pipeline.score(batch["pixels"].numpy(), ids.astype(np.int64), mask.astype(np.int64), seeds)
         for j, i in enumerate(index):
             s = samples[i]
@@ -78,10 +92,11 @@ def evaluate_samples(
     batch_size: int = 64,
     progress: bool = True,
     seed: int = 0,
+    seed_policy: str = "service",
 ) -> RecallAccumulator:
     """R@1 / R@5 / UB grouped by expression kind."""
     acc = RecallAccumulator(ks=(1, 5), criterion=criterion)
-    predictions = predict_samples(model, tokenizer, samples, batch_size, progress, seed)
+    predictions = predict_samples(model, tokenizer, samples, batch_size, progress, seed, seed_policy)
     for sample, pred in zip(samples, predictions):
         acc.add(pred.boxes, sample.boxes, group=sample.kind)
     return acc

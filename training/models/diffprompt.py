@@ -5,6 +5,14 @@
     sampler      the DiT, DDIM with a chosen step count, seeded noise -> kept latents per layer
     decode       the Mask-VAE decoder -> mask logits per layer (B, n, 1, m, m)
     grounding    the foundation with the PromptLearner's prompts -> ranked boxes
+    fusion       (`pointer_weight` w > 0, token DiTs with a pointer head) each box's logit plus
+                 w x the pointer's log-probability of its patch relative to uniform,
+                 log p(patch) + log P (the last `maps` channel of the condition encoder):
+                 the DiT's REC pointer and the prompted foundation vote together. w is chosen
+                 on val (`scripts/diagnose_fusion.py`) and stored in pipeline.json.
+
+`DiffPromptPipeline.pointer_ranking` is the simplest use of the parts: the unprompted foundation's
+boxes ranked by the pointer alone (no diffusion, no prompts), a row of the results table.
 
 A pipeline directory (what `diffprompt train-prompts` writes) holds the learner
 (`config.json`, `model.safetensors`), its parts in `foundation/`, `mask_vae/` and `prompt_dit/`
@@ -80,6 +88,8 @@ class DiffPromptPipeline:
     dit: PromptDiT | None = None
     scheduler: object | None = None
     steps: int = 25
+    pointer_weight: float = 0.0  # fusion weight of the pointer's log-probability (0 = the prompted logits alone)
+    pointer_only: bool = False  # rank the unprompted foundation's boxes by the pointer alone (a baseline)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, steps: int = 25) -> DiffPromptPipeline:
@@ -94,16 +104,40 @@ class DiffPromptPipeline:
         if learner.needs_masks:
             vae = MaskVAE.from_pretrained(resolve("mask_vae"))
             dit, scheduler = load_dit(resolve("prompt_dit"))
-        return cls(foundation, tokenizer, learner, vae, dit, scheduler, steps)
+        pipeline = cls(foundation, tokenizer, learner, vae, dit, scheduler, steps)
+        pipeline.pointer_weight = pointer_weight_of(spec, directory)
+        if pipeline.pointer_weight and not (dit is not None and dit.pointer):
+            raise CheckpointError(f"{directory / PIPELINE_FILE}: pointer_weight needs a DiT with a pointer head")
+        return pipeline
 
     @classmethod
     def foundation_only(cls, directory: str | Path) -> DiffPromptPipeline:
         return cls(*load_foundation(directory), None)
 
+    @classmethod
+    def pointer_ranking(cls, foundation: str | Path, prompt_dit: str | Path,
+                        fused_with_foundation: float | None = None) -> DiffPromptPipeline:
+        """The frozen foundation's own boxes ranked by the DiT's pointer logit: no diffusion, no prompts.
+        With `fused_with_foundation` w: by the foundation's logit + w x the pointer's log-probability."""
+        dit, scheduler = load_dit(prompt_dit)
+        if not dit.pointer:
+            raise CheckpointError(f"{prompt_dit}: the DiT has no pointer head (context_layers 0)")
+        if fused_with_foundation is None:
+            return cls(*load_foundation(foundation), None, None, dit, scheduler, pointer_only=True)
+        return cls(*load_foundation(foundation), None, None, dit, scheduler, pointer_weight=fused_with_foundation)
+
     @torch.no_grad()
-    def generate_masks(self, pixels, ids, mask, seeds: Sequence[int]) -> torch.Tensor:
+    def pointer_map(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, P) the pointer's log-probability per patch relative to uniform, log p + log P (the last
+        `maps` channel of `PromptDiT.prepare_conditions`, what the exported condition encoder outputs)."""
+        maps = self.dit.prepare_conditions(**cond)["maps"]  # (B, k, g, g)
+        return maps[:, -1].flatten(1).float()
+
+    @torch.no_grad()
+    def generate_masks(self, pixels, ids, mask, seeds: Sequence[int], cond: dict | None = None) -> torch.Tensor:
         """Decoded mask logits (B, n, 1, m, m) for the learner's n prompted layers."""
-        cond = foundation_conditions(self.foundation, pixels, ids, mask, self.dit.config.conditioning == "tokens")
+        if cond is None:
+            cond = foundation_conditions(self.foundation, pixels, ids, mask, self.dit.config.conditioning == "tokens")
         n = self.learner.mask_layers
         latents = sample_prompt_latents(self.dit, self.scheduler, cond, seeds, self.steps, n)  # (B, n, C, h, w)
         B = latents.shape[0]
@@ -126,11 +160,27 @@ class DiffPromptPipeline:
 
     @torch.no_grad()
     def __call__(self, pixels, ids, mask, seeds: Sequence[int]) -> tuple[GroundingOutput, torch.Tensor | None]:
-        """(grounding output, decoded masks or None) for one expression per image."""
-        masks = None
+        """(grounding output, decoded masks or None) for one expression per image; with fusion or
+        `pointer_only` the output's logits are the fused / pointer scores."""
+        masks = cond = None
+        if self.dit is not None and (self.pointer_only or self.pointer_weight):
+            cond = foundation_conditions(self.foundation, pixels, ids, mask, True)
         if self.learner is not None and self.learner.needs_masks:
-            masks = self.generate_masks(pixels, ids, mask, seeds)
-        return prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks), masks
+            masks = self.generate_masks(pixels, ids, mask, seeds, cond)
+        out = prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks)
+        if self.pointer_only:
+            out.logits = self.pointer_map(cond)[..., None].to(out.logits.dtype)
+        elif self.pointer_weight:
+            out.logits = out.logits + self.pointer_weight * self.pointer_map(cond)[..., None].to(out.logits.dtype)
+        return out, masks
+
+
+def pointer_weight_of(spec: dict, where: Path) -> float:
+    """The fusion weight a pipeline.json records (0 if none)."""
+    w = spec.get("pointer_weight", 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        raise CheckpointError(f"{where / PIPELINE_FILE}: pointer_weight must be a number >= 0, got {w!r}")
+    return float(w)
 
 
 def weights_fingerprint(directory: str | Path) -> str:
@@ -138,10 +188,12 @@ def weights_fingerprint(directory: str | Path) -> str:
     pipeline.json names (or of a foundation directory): what a no-match calibration fitted on it belongs to."""
     directory = Path(directory)
     folders = [directory]
+    digest = hashlib.sha256()
     if (directory / PIPELINE_FILE).exists():
         spec = read_json_object(directory / PIPELINE_FILE, CheckpointError, "a train-prompts pipeline directory")
         folders += [(directory / v).resolve() for _, v in sorted(spec.items()) if isinstance(v, str)]
-    digest = hashlib.sha256()
+        if weight := pointer_weight_of(spec, directory):  # the fusion changes every score
+            digest.update(f"pointer_weight:{weight!r};".encode())
     for folder in folders:
         for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*config.json"), *folder.glob("*.bin")]):
             digest.update(f"{path.name}:{sha256_file(path)};".encode())
@@ -163,7 +215,7 @@ def _link_part(source: Path, target: Path) -> None:
 
 
 def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None, prompt_dit: Path | None,
-                        relative_to: Path | None = None) -> None:
+                        relative_to: Path | None = None, pointer_weight: float = 0.0) -> None:
     """pipeline.json in `directory`, with its parts inside it, so the directory moves and copies as one.
 
     The parts' files go to `directory/foundation/`, `mask_vae/` and `prompt_dit/` as hard links (on
@@ -171,6 +223,7 @@ def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None
     names those sub-directories. `relative_to` is accepted for callers that wrote paths relative to
     a final directory; with the parts inside it is not needed. Pipelines written before keep loading
     (their relative paths such as "../foundation" are resolved from the pipeline directory).
+    A non-zero `pointer_weight` (the fusion, module docstring) is stored too.
     """
     directory = Path(directory)
     spec = {}
@@ -182,4 +235,6 @@ def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None
         if Path(part).resolve() != inside.resolve():
             _link_part(Path(part), inside)
         spec[key] = key
+    if pointer_weight:
+        spec["pointer_weight"] = float(pointer_weight)
     (directory / PIPELINE_FILE).write_text(json.dumps(spec, indent=2))
