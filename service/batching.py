@@ -150,7 +150,8 @@ class MicroBatcher(Generic[T, R]):
                 return
 
     async def _collect(self, first: _Waiting[T]) -> tuple[list[_Waiting[T]], bool]:
-        """The first item plus whatever arrives within max_wait_s, up to max_batch_size; (batch, stop seen)."""
+        """The first item plus whatever arrives within max_wait_s while requests are on their way, up to
+        max_batch_size; (batch, stop seen)."""
         loop = asyncio.get_running_loop()
         batch, deadline = [first], loop.time() + self.max_wait_s
         while len(batch) < self.max_batch_size:

@@ -110,6 +110,8 @@ def test_broken_pipeline_directories(tmp_path, world, capsys):
     assert_user_error(run(tmp_path, *args), "pipeline.json: not valid JSON")
     (pipeline / "pipeline.json").write_text(json.dumps({**spec, "mask_vae": "../no_vae"}))
     assert_user_error(run_here(capsys, *args), "no_vae: no such directory")
+    (pipeline / "pipeline.json").write_text(json.dumps({**spec, "prompt_dit": None}))
+    assert_user_error(run_here(capsys, *args), "pipeline.json: names no prompt_dit directory")
     (pipeline / "pipeline.json").write_text(json.dumps(spec))
     (root / "prompt_dit_tokens" / "scheduler_config.json").unlink()
     assert_user_error(run_here(capsys, *args), "scheduler_config.json: missing")

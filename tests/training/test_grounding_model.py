@@ -116,7 +116,7 @@ def test_broken_checkpoints_give_clear_errors(baby, tmp_path):
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_grounding_model(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="invalid JSON"):
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_grounding_model(tmp_path)
 
 

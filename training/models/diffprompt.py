@@ -95,15 +95,19 @@ class DiffPromptPipeline:
     def from_pretrained(cls, directory: str | Path, steps: int = 25) -> DiffPromptPipeline:
         directory = Path(directory)
         spec = read_json_object(directory / PIPELINE_FILE, CheckpointError, "a train-prompts pipeline directory")
-        resolve = lambda key: (directory / spec[key]).resolve() if isinstance(spec.get(key), str) else None
-        if resolve("foundation") is None:
-            raise CheckpointError(f"{directory / PIPELINE_FILE}: names no foundation directory")
-        foundation, tokenizer = load_foundation(resolve("foundation"))
+
+        def part(key: str) -> Path:
+            """The directory pipeline.json names under `key`, resolved from the pipeline directory."""
+            if not isinstance(spec.get(key), str):
+                raise CheckpointError(f"{directory / PIPELINE_FILE}: names no {key} directory")
+            return (directory / spec[key]).resolve()
+
+        foundation, tokenizer = load_foundation(part("foundation"))
         learner = PromptLearner.from_pretrained(directory)
         vae = dit = scheduler = None
         if learner.needs_masks:
-            vae = MaskVAE.from_pretrained(resolve("mask_vae"))
-            dit, scheduler = load_dit(resolve("prompt_dit"))
+            vae = MaskVAE.from_pretrained(part("mask_vae"))
+            dit, scheduler = load_dit(part("prompt_dit"))
         pipeline = cls(foundation, tokenizer, learner, vae, dit, scheduler, steps)
         pipeline.pointer_weight = pointer_weight_of(spec, directory)
         if pipeline.pointer_weight and not (dit is not None and dit.pointer):

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffprompt.core.errors import CheckpointError
+from diffprompt.core.errors import CheckpointError, read_json_object
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -51,16 +51,10 @@ CONVERT_COMMAND = "python scripts/convert_checkpoints.py"
 
 def read_config_file(directory: Path) -> dict[str, Any]:
     """config.json of a checkpoint directory, as a dict."""
-    path = directory / CONFIG_NAME
+    holds = f"a checkpoint directory holds {CONFIG_NAME} + {WEIGHTS_NAME}"
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such directory (a checkpoint directory holds {CONFIG_NAME} + "
-                              f"{WEIGHTS_NAME})")
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (a checkpoint directory holds {CONFIG_NAME} + {WEIGHTS_NAME})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+        raise CheckpointError(f"{directory}: no such directory ({holds})")
+    raw = read_json_object(directory / CONFIG_NAME, CheckpointError, holds)
     if "_class_name" in raw or (directory / OLD_WEIGHTS_NAME).exists():
         raise CheckpointError(f"{directory}: saved in diffusers' layout ({OLD_WEIGHTS_NAME}, config.json with "
                               f"_class_name {raw.get('_class_name')!r}); convert it once with: "
