@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffprompt.cli import run
 from diffprompt.core.boxes import boxes_to_pixels
-from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.evaluation.metrics import box_iou, ranked_by_score
+from diffprompt.training.options import add_image_root_arg
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "service" / "static" / "index.html"
@@ -50,6 +52,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="the request's seed (the service's default: 0)")
     p.add_argument("--data-dir", default="data/synthetic")
+    add_image_root_arg(p)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
@@ -67,7 +70,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         model = DiffPromptPipeline.from_pretrained(args.pipeline, steps=args.steps)
-    val = list(load_mdetr(Path(args.data_dir) / "val.json"))
+    val = load_split(Path(args.data_dir) / "val.json", args.image_root)
     spec = model.image_spec
     right = 0
     print("| sample | expression | val id | top-1 IoU | top-1 score | rank of the first right box | right |")
@@ -87,5 +90,5 @@ def main() -> None:
     print(f"{right} of {len(demo_samples())} answered right")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user mistake (missing file, bad option) is one `error:` line, status 2
+    raise SystemExit(run(lambda _: main(), None))

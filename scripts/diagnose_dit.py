@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+from diffprompt.cli import run
 from diffprompt.core.boxes import boxes_to_pixels
 from diffprompt.core.image_spec import ImageSpec
 from diffprompt.training.data.mdetr import load_split
@@ -94,5 +95,5 @@ def main() -> None:
         print(f"| {kind} | {len(vs)} | " + " | ".join(cells) + " |")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user mistake (missing file, bad option) is one `error:` line, status 2
+    raise SystemExit(run(lambda _: main(), None))

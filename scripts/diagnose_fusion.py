@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffprompt.training.data.mdetr import load_mdetr
+from diffprompt.cli import run
+from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.evaluation.fusion import agreement, by_kind, choose_pointer_weight, collect, fused_r1, r1
 from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline, write_pipeline_file
-from diffprompt.training.options import SEED_POLICIES
+from diffprompt.training.options import SEED_POLICIES, add_image_root_arg
 
 
 def write_fused(source: Path, out: Path, weight: float) -> None:
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--pipeline", default="checkpoints/diffprompt")
     p.add_argument("--data-dir", default="data/synthetic")
     p.add_argument("--split", default="val")
+    add_image_root_arg(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--policy", choices=SEED_POLICIES, default="service")
@@ -74,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     pipeline = DiffPromptPipeline.from_pretrained(args.pipeline, steps=args.steps)
-    samples = list(load_mdetr(Path(args.data_dir) / f"{args.split}.json"))[: args.limit]
+    samples = load_split(Path(args.data_dir) / f"{args.split}.json", args.image_root, args.limit)
     d = dict(np.load(args.load)) if args.load else collect(pipeline, samples, args.seeds, args.policy)
     if len(d["kind"]) != len(samples) or d["prompted_logits"].shape[1] != len(args.seeds):
         raise SystemExit(f"{args.load}: {d['prompted_logits'].shape[:2]} (expressions, seeds), expected "
@@ -106,6 +108,5 @@ def main() -> None:
         print(f"wrote {args.write} with pointer_weight {best:g} (R@1 {100 * fused_r1(d, best):.2f} on {args.split})")
 
 
-if __name__ == "__main__":
-    main()
-
+if __name__ == "__main__":  # a user mistake (missing file, bad option) is one `error:` line, status 2
+    raise SystemExit(run(lambda _: main(), None))

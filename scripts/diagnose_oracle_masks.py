@@ -16,6 +16,7 @@ import torch
 
 import diffprompt.training.stages.prompts as stage3
 import diffprompt.training.train_prompts as tp
+from diffprompt.cli import run
 from diffprompt.core.boxes import boxes_to_pixels
 from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import load_rec_arrays
@@ -54,5 +55,5 @@ def main() -> None:
         print(f"{split}: oracle-mask R@1 {acc.summary()[-1]['R@1']:.4f}", flush=True)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user mistake (missing file, bad option) is one `error:` line, status 2
+    raise SystemExit(run(lambda _: main(), None))

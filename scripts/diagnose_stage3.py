@@ -17,6 +17,7 @@ import argparse
 import numpy as np
 import torch
 
+from diffprompt.cli import run
 from diffprompt.core.boxes import boxes_to_pixels
 from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import load_rec_arrays
@@ -72,5 +73,5 @@ def main() -> None:
                   f"{100 * frozen[sel].mean():.2f} |")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user mistake (missing file, bad option) is one `error:` line, status 2
+    raise SystemExit(run(lambda _: main(), None))

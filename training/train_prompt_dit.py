@@ -16,6 +16,7 @@ steps that decide *where* the mask goes; x0 prediction weighs them fully.
 
     diffprompt train-dit --conditioning tokens             # -> runs/prompt_dit_tokens
     torchrun --nproc_per_node 2 -m diffprompt.training.train_prompt_dit --conditioning pooled --output ...
+    diffprompt train-dit --resume runs/003-prompt_dit_tokens/checkpoint-last --overwrite   # after an interruption
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 
 from diffprompt.training.options import add_data_args, add_run_args
+from diffprompt.training.utils.resume import add_resume_args
 
 PRESETS = ("baby", "embedded", "official")  # = models.prompt_dit.PROMPT_DIT_PRESETS (tests/training/test_cli)
 
@@ -48,6 +50,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--pointer-loss-weight", type=float, default=1.0,
                    help="weight of the pointer head's cross-entropy next to the denoising MSE")
     add_run_args(p, output="runs/prompt_dit_<conditioning>")
+    add_resume_args(p, save_every=500)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -13,6 +13,7 @@ epoch.
     diffprompt train-prompts --method diffprompt --prompt-dit checkpoints/prompt_dit_tokens   # -> runs/diffprompt
     diffprompt train-prompts --method vpt                                                      # -> runs/vpt
     torchrun --nproc_per_node 2 -m diffprompt.training.train_prompts --method coop --output runs/coop_ddp
+    diffprompt train-prompts --method vpt --resume runs/007-vpt/checkpoint-last     # after an interruption
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from diffprompt.training.options import add_data_args, add_run_args
+from diffprompt.training.utils.resume import add_resume_args
 
 # = models.prompt_learners.METHODS and MASK_INPUTS (tests/training/test_cli): the parser stays torch-free
 METHODS = ("diffprompt", "vpt", "coop", "maple", "clip_adapter", "linear_probe")
@@ -49,6 +51,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--depth", type=int, default=9, help="prompted layers from the input (capped per tower)")
     p.add_argument("--length", type=int, default=8, help="prompt tokens per layer")
     add_run_args(p, output="runs/<method>")
+    add_resume_args(p, save_every=100)
     p.add_argument("--epochs", type=int, default=2,
                    help="passes over the train split (paper: 5 over RefCOCO; ours: 2 over 8000 synthetic expressions)")
     p.add_argument("--batch-size", type=int, default=32, help="expressions per optimizer step and process")

@@ -136,3 +136,55 @@ def test_cached_training_masks_give_the_same_run(stages, small_world, tmp_path):
     assert "reusing the prompt masks in" in log
     assert [h["loss"] for h in second["history"]] == [h["loss"] for h in first["history"]]
     assert second["history"][-1]["val_R@1"] == first["history"][-1]["val_R@1"]
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_stage3_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(stages, small_world, tmp_path):
+    """A checkpoint-last written mid-epoch, resumed by a new process: the same final learner, bit for bit."""
+    from diffprompt.training.data.mdetr import load_split
+    from diffprompt.training.utils.resume import ResumeMismatchError
+
+    root, _ = stages
+    per_epoch = len(load_split(small_world / "train.json")) // 4
+    assert per_epoch >= 2
+    common = ["--method", "diffprompt", "--epochs", "2", "--batch-size", "4", "--ddim-steps", "5", "--eval-every", "1",
+              "--save-every", str(per_epoch + 1), "--foundation", str(root / "foundation"), "--mask-vae",
+              str(root / "vae"), "--prompt-dit", str(root / "dit"), "--data-dir", str(small_world),
+              "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
+    whole = train_prompts.main(train_prompts.build_parser().parse_args([*common, "--output", str(tmp_path / "a")]))
+    checkpoint = Path(whole["run_dir"]) / "checkpoint-last"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == per_epoch + 1 and len(state["history"]) == 1  # the second epoch's second batch
+    with pytest.raises(ResumeMismatchError, match=r"--lr 0\.002 \(now 0\.001\)"):
+        train_prompts.main(train_prompts.build_parser().parse_args(
+            [*common, "--lr", "1e-3", "--resume", str(checkpoint), "--output", str(tmp_path / "never")]))
+    assert not (tmp_path / "never").exists()
+    resumed = train_prompts.main(train_prompts.build_parser().parse_args(
+        [*common, "--resume", str(checkpoint), "--output", str(tmp_path / "b")]))
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == whole["history"][:1] + resumed["history"][1:]
+    assert resumed["history"][-1]["val_R@1"] == whole["history"][-1]["val_R@1"]
+
+
+def test_stage2_resumed_mid_run_ends_with_the_uninterrupted_ema_weights(stages, small_world, tmp_path):
+    root, _ = stages
+    common = ["--preset", "baby", "--steps", "5", "--batch-size", "8", "--eval-every", "2", "--eval-steps", "5",
+              "--save-every", "3", "--foundation", str(root / "foundation"), "--mask-vae", str(root / "vae"),
+              "--data-dir", str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
+    whole = train_prompt_dit.main(train_prompt_dit.build_parser().parse_args(
+        [*common, "--output", str(tmp_path / "a")]))
+    checkpoint = Path(whole["run_dir"]) / "checkpoint-last"
+    kept = {"ema.safetensors", "optimizer.safetensors", "trainer_state.json", "best"}
+    assert kept <= {p.name for p in checkpoint.iterdir()}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
+    resumed = train_prompt_dit.main(train_prompt_dit.build_parser().parse_args(
+        [*common, "--resume", str(checkpoint), "--output", str(tmp_path / "b")]))
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == whole["history"] and resumed["best_val_mask_iou"] == whole["best_val_mask_iou"]

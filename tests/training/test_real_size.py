@@ -1,5 +1,6 @@
-"""The training half of the life cycle on a full-resolution OWL-ViT (768 px, patch 32; random weights,
-2 layers per tower), with the annotations in a folder apart from the images, through the real CLI."""
+"""The whole life cycle on a full-resolution OWL-ViT (768 px, patch 32; random weights, 2 layers per
+tower), with the annotations in a folder apart from the images, through the real CLI: stages 2 and
+3, evaluation, export, and the real server answering a non-square upload."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from diffprompt import cli
 from tests.owl_testkit import annotations_apart, build_owl_foundation
+from tests.service.service_testkit import ServerProcess, encode, rgb_image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,3 +72,27 @@ def test_without_image_root_the_missing_image_is_named_before_any_work(owl, caps
                      "--preset", "baby", "--steps", "1", "--output", str(root / "never"), *args]) == 2
     assert "error: image file not found" in capsys.readouterr().err
     assert not (root / "never").exists()
+
+
+def test_the_768px_pipeline_exports_and_the_real_server_answers_a_320x240_upload_inside_it(owl):
+    """Export of the pipeline the test above trained (2 DDIM steps), then `python -m diffprompt.service`
+    on it: a 320x240 PNG (the model's square input stretches it) gets boxes in the upload's own pixels."""
+    root, _, _, _ = owl
+    assert (root / "dp" / "pipeline.json").exists(), "needs the pipeline trained by the test above"
+    assert cli.main(["export", "--pipeline", str(root / "dp"), "--steps", "2", "--out", str(root / "artifacts"),
+                     "--threads", "2", "--no-progress"]) == 0
+    artifact = root / "artifacts" / "dp-2steps"
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["image"]["size"] == 768 and manifest["ddim_steps"] == 2
+    server = ServerProcess(artifact, root / "server").start()
+    try:
+        server.wait_ready(timeout=300)
+        response = server.ground(encode(rgb_image(320, 240, seed=3), "PNG"), "the red circle", top_k=5)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert len(body["boxes"]) == 5
+        for box in body["boxes"]:
+            x0, y0, x1, y1 = box["xyxy"]
+            assert 0 <= x0 <= x1 <= 320 and 0 <= y0 <= y1 <= 240, box
+    finally:
+        server.stop()

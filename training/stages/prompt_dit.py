@@ -15,6 +15,7 @@ training/train_prompt_dit.py.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,13 @@ from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, encode_
 from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
 from diffprompt.training.stages.runner import StageRunner, cache_dir, split_paths
+from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
 from diffprompt.training.utils.ema import EMA
+from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
+
+# In a checkpoint-last, next to the training weights: the EMA averages, and the best EMA weights so far
+# (what --output held), which a resumed run writes to its own --output before it goes on.
+EMA_FILE, BEST_DIR = "ema.safetensors", "best"
 
 
 @torch.no_grad()
@@ -145,14 +152,41 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, weight_decay=0.0)
     batches = run.batches(len(train_data), args.batch_size)
     generator = torch.Generator().manual_seed(args.seed * 1000 + run.rank)
+
+    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's random draws for k latents: noise (k, C, h, w) and timesteps (k,)."""
+        noise = torch.randn((k, *latents.shape[1:]), generator=generator)
+        return noise, torch.randint(0, args.train_timesteps, (k,), generator=generator)
+
+    start, history, best = 0, [], -1.0
+    if args.resume:
+        state = load_trainer_state(args.resume, optimizer, trajectory(args, len(train_data), run.world_size))
+        load_weights(dit, args.resume)
+        ema.load(Path(args.resume) / EMA_FILE, state["ema_updates"])
+        start, history, best = state["step"], state["history"], state["best"]
+        if (Path(args.resume) / BEST_DIR).is_dir():  # the best EMA weights so far: --output holds them from now on
+            run.save(lambda d: shutil.copytree(Path(args.resume) / BEST_DIR, d, dirs_exist_ok=True))
+        for s in range(start):  # the generator as the uninterrupted run has it at step `start`
+            draw(len(batches.at_step(s)))
+        log.info(f"resumed from {args.resume} at step {start} (best val mask IoU so far {best:.4f})")
+
+    def save_resumable(step: int) -> None:  # rank 0: training weights, EMA, optimizer and step, for --resume
+        def write(d: Path) -> None:
+            dit.save_pretrained(d)
+            ema.save(d / EMA_FILE)
+            if best >= 0:  # a copy of --output as it stands: a resumed run starts its --output from it
+                shutil.copytree(run.output, d / BEST_DIR)
+
+        run.save(write, run.run_dir / CHECKPOINT_NAME, optimizer, {
+            "step": step, "history": history, "best": best, "ema_updates": ema.updates,
+            "trajectory": trajectory(args, len(train_data), run.world_size)})
+
     t0 = time.time()
-    history, best = [], -1.0
-    bar = run.progress(args.steps, f"dit-{args.conditioning}")
-    for step in range(args.steps):
+    bar = run.progress(args.steps, f"dit-{args.conditioning}", initial=start)
+    for step in range(start, args.steps):
         idx = torch.from_numpy(batches.at_step(step))
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, args.train_timesteps, (len(idx),), generator=generator)
+        noise, t = draw(len(idx))
         xt = scheduler.add_noise(x0, noise, t)
         c = take(cond, idx.numpy(), run.device)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
@@ -191,6 +225,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
                     run.save(lambda d: save_dit(dit, scheduler, d))
                     log.info(f"saved EMA weights (best val mask IoU {best:.4f}) to {run.output}")
             dit.train()
+        if run.is_main and args.save_every and (step + 1) % args.save_every == 0 and not last:
+            save_resumable(step + 1)
         run.barrier()
     bar.close()
 

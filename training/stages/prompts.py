@@ -1,7 +1,9 @@
 """Stage 3 (and the baselines): train a prompt learner on top of the frozen foundation for REC.
 
 `--method` picks the learner class (training/models/prompt_learners.py); everything else is
-frozen, and the loss is the foundation's own grounding loss (training/losses.py). Diff-Prompt's
+frozen, and the loss is the foundation's own grounding loss (training/losses.py). Every
+--save-every steps the run folder gets a checkpoint-last that --resume continues, also inside an
+epoch (training/utils/resume.py). Diff-Prompt's
 masks: the frozen DiT samples each training expression's prompt latents once, with the
 expression's own noise seed, and the frozen VAE decodes them: exactly what sampling on the fly
 with a per-expression seed gives, without repeating the DiT passes every epoch. --output is a
@@ -34,6 +36,8 @@ from diffprompt.training.models.mask_vae import MaskVAE
 from diffprompt.training.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 from diffprompt.training.stages.runner import StageRunner, TrainStep, cache_dir, check_precision, split_paths
+from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
+from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
 
 @torch.no_grad()
@@ -156,12 +160,26 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     scheduler = one_cycle(optimizer, args.lr, total)
     grad_scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    step, history = 0, []  # optimizer steps taken (over all epochs), val R@1 per epoch
+    if args.resume:
+        state = load_trainer_state(args.resume, optimizer, trajectory(args, len(train_data), run.world_size))
+        load_weights(learner, args.resume)
+        scheduler.load_state_dict(state["scheduler"])
+        grad_scaler.load_state_dict(state["grad_scaler"])
+        step, history = state["step"], state["history"]
+        log.info(f"resumed from {args.resume} at step {step} of {total} (epoch {step // len(batches) + 1}, "
+                 f"batch {step % len(batches) + 1} of {len(batches)})")
+
+    def save_resumable() -> None:  # rank 0: the learner, optimizer, schedule and step, for --resume
+        run.save(learner.save_pretrained, run.run_dir / CHECKPOINT_NAME, optimizer, {
+            "step": step, "history": history, "scheduler": scheduler.state_dict(),
+            "grad_scaler": grad_scaler.state_dict(), "trajectory": trajectory(args, len(train_data), run.world_size)})
+
     t0 = time.time()
-    history = []
-    bar = run.progress(total, args.method)
-    for epoch in range(args.epochs):
+    bar = run.progress(total, args.method, initial=step)
+    for epoch in range(step // len(batches), args.epochs):
         learner.train()
-        epoch_batches = list(batches.epoch(epoch))
+        epoch_batches = list(batches.epoch(epoch))[step - epoch * len(batches):]  # all but those a resumed run took
         for batch, pixels in zip(epoch_batches, train_data.pixel_batches(epoch_batches, args.workers)):
             idx = torch.from_numpy(batch)
             gt = [train_data.boxes[i] for i in idx.tolist()]
@@ -191,8 +209,11 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             grad_scaler.step(optimizer)
             grad_scaler.update()
             scheduler.step()
+            step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
+            if run.is_main and args.save_every and step % args.save_every == 0 and step < total:
+                save_resumable()
         loss_mean = run.mean(loss)
         if run.is_main:
             entry = {"epoch": epoch + 1, "loss": loss_mean, "seconds": time.time() - t0}

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffprompt.core.errors import MissingFileError
+from diffprompt.core.errors import MissingFileError, read_json_object
 from diffprompt.core.files import replace_directory, staging_dir
+from diffprompt.training.utils.resume import check_resumable
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -74,15 +75,23 @@ def save_checkpoint(
     return replace_directory(staging, directory)
 
 
-def load_trainer_state(directory: str | Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Restore the optimizer (if given) and return trainer_state.json (without the optimizer part)."""
+def load_trainer_state(directory: str | Path, optimizer: torch.optim.Optimizer | None,
+                       trajectory: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the optimizer (if given) and return trainer_state.json (without the optimizer part).
+
+    With `trajectory` (training/utils/resume.py), the checkpoint's own must match it first: a
+    ResumeMismatchError names what differs, and nothing is restored."""
     directory = Path(directory)
-    state_path = directory / STATE_FILE
-    if not state_path.exists():
-        raise MissingFileError(f"{state_path}: missing; {directory} is not a resumable checkpoint")
-    state = json.loads(state_path.read_text())
+    state = read_json_object(directory / STATE_FILE, MissingFileError, f"{directory} is not a resumable checkpoint")
+    if trajectory is not None:
+        check_resumable(state.get("trajectory", {}), trajectory, directory)
     meta = state.pop("optimizer", {})
     if optimizer is not None and meta:
         tensors = load_file(str(directory / OPTIMIZER_FILE))
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
     return state
+
+
+def load_weights(module: torch.nn.Module, directory: str | Path) -> None:
+    """Every tensor of `directory`/model.safetensors into `module`, strictly (a checkpoint's trained weights)."""
+    module.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))

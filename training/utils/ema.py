@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 
 class EMA:
@@ -54,3 +56,17 @@ class EMA:
             with torch.no_grad():
                 for p, value in zip(parameters, kept):
                     p.copy_(value)
+
+    def save(self, path: Path) -> None:
+        """The averages as safetensors ("average/{i}", in parameter order)."""
+        save_file({f"average/{i}": a.detach().contiguous().cpu() for i, a in enumerate(self.averages)}, str(path))
+
+    def load(self, path: Path, updates: int) -> None:
+        """Averages written by `save`, and the number of updates they had seen (for the warm-up)."""
+        tensors = load_file(str(path))
+        if len(tensors) != len(self.averages):
+            raise ValueError(f"{path}: {len(tensors)} averages for {len(self.averages)} parameters")
+        with torch.no_grad():
+            for i, a in enumerate(self.averages):
+                a.copy_(tensors[f"average/{i}"])
+        self.updates = updates
