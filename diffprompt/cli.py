@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-vae": (P + "training.train_mask_vae", "stage 1: train the Mask-VAE on referred-object masks"),
     "train-dit": (P + "training.train_prompt_dit", "stage 2: train the DiT prompt generator on mask latents"),
     "train-prompts": (P + "training.train_prompts", "stage 3 (or a baseline): train prompts on the frozen foundation"),
+    "train-prompt-diffusion": (P + "training.train_prompt_diffusion",
+                               "Prompt Diffusion on a trained prompt learner: per-query generated prompts"),
     "evaluate": (P + "training.evaluate", "score a checkpoint on a split: R@1 / R@5 / UB per expression kind"),
     "calibrate": (P + "training.calibrate", "fit the no-match calibrator on val, report its precision/recall on test"),
     "export": (P + "model_export.export", "export a pipeline to ONNX artifact directories (fixed DDIM step counts)"),

@@ -41,6 +41,7 @@ from diffprompt.core.tokenizer import QueryTokenizer
 from diffprompt.training.models.grounding import GroundingModel, GroundingOutput
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents
 from diffprompt.training.models.pretrained import CheckpointError
+from diffprompt.training.models.prompt_diffusion import PromptDiffusion, make_sampler, sample_prompts
 from diffprompt.training.models.prompt_dit import PromptDiT
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
@@ -90,6 +91,8 @@ class DiffPromptPipeline:
     steps: int = 25
     pointer_weight: float = 0.0  # fusion weight of the pointer's log-probability (0 = the prompted logits alone)
     pointer_only: bool = False  # rank the unprompted foundation's boxes by the pointer alone (a baseline)
+    prompt_diffusion: PromptDiffusion | None = None  # Prompt Diffusion: the learner's prompts generated per query
+    prompt_sampler: object | None = None  # its solver (DPM-Solver++ or DDIM), `steps` steps
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, steps: int = 25) -> DiffPromptPipeline:
@@ -109,6 +112,9 @@ class DiffPromptPipeline:
             vae = MaskVAE.from_pretrained(part("mask_vae"))
             dit, scheduler = load_dit(part("prompt_dit"))
         pipeline = cls(foundation, tokenizer, learner, vae, dit, scheduler, steps)
+        if spec.get("prompt_diffusion") is not None:
+            pipeline.prompt_diffusion, pipeline.prompt_sampler = load_prompt_diffusion(
+                part("prompt_diffusion"), spec.get("prompt_diffusion_solver", "dpm"))
         pipeline.pointer_weight = pointer_weight_of(spec, directory)
         if pipeline.pointer_weight and not (dit is not None and dit.pointer):
             raise CheckpointError(f"{directory / PIPELINE_FILE}: pointer_weight needs a DiT with a pointer head")
@@ -166,17 +172,26 @@ class DiffPromptPipeline:
     def __call__(self, pixels, ids, mask, seeds: Sequence[int]) -> tuple[GroundingOutput, torch.Tensor | None]:
         """(grounding output, decoded masks or None) for one expression per image; with fusion or
         `pointer_only` the output's logits are the fused / pointer scores."""
-        masks = cond = None
-        if self.dit is not None and (self.pointer_only or self.pointer_weight):
+        masks = cond = values = None
+        if (self.dit is not None and (self.pointer_only or self.pointer_weight)) or self.prompt_diffusion is not None:
             cond = foundation_conditions(self.foundation, pixels, ids, mask, True)
         if self.learner is not None and self.learner.needs_masks:
             masks = self.generate_masks(pixels, ids, mask, seeds, cond)
-        out = prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks)
+        if self.prompt_diffusion is not None:  # the learner's prompts, generated for each query
+            values = sample_prompts(self.prompt_diffusion, self.prompt_sampler, cond, seeds, self.steps)
+        out = prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks, values)
         if self.pointer_only:
             out.logits = self.pointer_map(cond)[..., None].to(out.logits.dtype)
         elif self.pointer_weight:
             out.logits = out.logits + self.pointer_weight * self.pointer_map(cond)[..., None].to(out.logits.dtype)
         return out, masks
+
+
+def load_prompt_diffusion(directory: Path, solver: str = "dpm") -> tuple[PromptDiffusion, object]:
+    """A Prompt Diffusion model and its sampler (`solver`), from the schedule saved with its weights."""
+    model = PromptDiffusion.from_pretrained(directory).eval()
+    config = read_json_object(directory / SCHEDULER_FILE, CheckpointError, "the noise schedule of the prompt diffusion")
+    return model, make_sampler(config, solver)
 
 
 def pointer_weight_of(spec: dict, where: Path) -> float:
@@ -219,7 +234,8 @@ def _link_part(source: Path, target: Path) -> None:
 
 
 def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None, prompt_dit: Path | None,
-                        relative_to: Path | None = None, pointer_weight: float = 0.0) -> None:
+                        relative_to: Path | None = None, pointer_weight: float = 0.0,
+                        prompt_diffusion: Path | None = None, solver: str = "dpm") -> None:
     """pipeline.json in `directory`, with its parts inside it, so the directory moves and copies as one.
 
     The parts' files go to `directory/foundation/`, `mask_vae/` and `prompt_dit/` as hard links (on
@@ -227,7 +243,8 @@ def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None
     names those sub-directories. `relative_to` is accepted for callers that wrote paths relative to
     a final directory; with the parts inside it is not needed. Pipelines written before keep loading
     (their relative paths such as "../foundation" are resolved from the pipeline directory).
-    A non-zero `pointer_weight` (the fusion, module docstring) is stored too.
+    A non-zero `pointer_weight` (the fusion, module docstring) is stored too, and so is a Prompt
+    Diffusion part (`prompt_diffusion/`, with the `solver` its prompts are sampled with).
     """
     directory = Path(directory)
     spec = {}
@@ -241,4 +258,9 @@ def write_pipeline_file(directory: Path, foundation: Path, mask_vae: Path | None
         spec[key] = key
     if pointer_weight:
         spec["pointer_weight"] = float(pointer_weight)
+    if prompt_diffusion is not None:
+        inside = directory / "prompt_diffusion"
+        if Path(prompt_diffusion).resolve() != inside.resolve():
+            _link_part(Path(prompt_diffusion), inside)
+        spec.update(prompt_diffusion="prompt_diffusion", prompt_diffusion_solver=solver)
     (directory / PIPELINE_FILE).write_text(json.dumps(spec, indent=2))

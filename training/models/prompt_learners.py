@@ -152,6 +152,8 @@ class PromptLearner(PretrainedModel):
     method: ClassVar[str] = ""  # set by @register
     towers: ClassVar[tuple[str, ...]] = ()  # which towers get deep prompts: "vision", "text"
     needs_masks: ClassVar[bool] = False  # Diff-Prompt: prompts are built from generated masks
+    # The learned prompt tensors (depth, L, D) that Prompt Diffusion may replace per sample (`prompts(values=)`)
+    prompt_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: LearnerConfig):
         if not self.method:
@@ -193,12 +195,24 @@ class PromptLearner(PretrainedModel):
 
     # -- the two hooks --------------------------------------------------------------------------
 
-    def prompts(self, batch_size: int, masks: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def prompts(self, batch_size: int, masks: torch.Tensor | None = None,
+                values: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """-> (vision prompts (B, vision_depth, L, Dv) or None, text prompts (B, text_depth, L, Dt) or None).
 
-        masks: (B, mask_layers, 1, m, m) decoded mask logits, shallowest layer first (Diff-Prompt)."""
+        masks: (B, mask_layers, 1, m, m) decoded mask logits, shallowest layer first (Diff-Prompt).
+        values: per-sample values (B, *shape) of prompt tensors named in `prompt_names`, used instead
+        of the learned ones (Prompt Diffusion's generated prompts)."""
         return None, None
+
+    def prompt_values(self, batch_size: int, values: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Each of `prompt_names` per sample, (B, *shape): `values[name]` where given, else the learned
+        tensor broadcast over the batch (a view)."""
+        values = values or {}
+        unknown = set(values) - set(self.prompt_names)
+        if unknown:
+            raise ValueError(f"{self.method} has no prompt tensors {sorted(unknown)}; it has {list(self.prompt_names)}")
+        return {name: values[name] if name in values else per_sample(getattr(self, name), batch_size)
+                for name in self.prompt_names}
 
     def predict(self, foundation: GroundingModel, image: ImageFeatures, query: torch.Tensor) -> GroundingOutput:
         """Grounding output from the (prompted) image features and query embeddings (B, 1, E)."""
@@ -214,6 +228,7 @@ class DiffPrompt(PromptLearner):
 
     towers = ("vision", "text")
     needs_masks = True
+    prompt_names = ("vision_global", "text_global")
 
     def __init__(self, config: LearnerConfig):
         if config.length % 2:
@@ -225,15 +240,16 @@ class DiffPrompt(PromptLearner):
         self.vision_global = learned_prompts(self.vision_depth, half, config.vision_width)
         self.text_global = learned_prompts(self.text_depth, half, config.text_width)
 
-    def prompts(self, batch_size, masks=None):
+    def prompts(self, batch_size, masks=None, values=None):
         if masks is None or masks.shape[1] < self.mask_layers:
             raise ValueError(f"Diff-Prompt needs {self.mask_layers} masks per query")
         B, m = masks.shape[0], masks.shape[-1]
         flat = masks[:, : self.mask_layers].reshape(-1, 1, m, m)  # (B*n, 1, m, m)
         v = self.vision_adapter(flat).view(B, self.mask_layers, -1, self.config.vision_width)
         t = self.text_adapter(flat).view(B, self.mask_layers, -1, self.config.text_width)
-        vision = torch.cat([v[:, : self.vision_depth], per_sample(self.vision_global, batch_size)], dim=2)
-        text = torch.cat([t[:, : self.text_depth], per_sample(self.text_global, batch_size)], dim=2)
+        p = self.prompt_values(batch_size, values)
+        vision = torch.cat([v[:, : self.vision_depth], p["vision_global"]], dim=2)
+        text = torch.cat([t[:, : self.text_depth], p["text_global"]], dim=2)
         return vision, text  # (B, dv, L, Dv), (B, dt, L, Dt)
 
 
@@ -242,13 +258,14 @@ class VPT(PromptLearner):
     """VPT-deep: L learnable visual prompts per layer."""
 
     towers = ("vision",)
+    prompt_names = ("vision_prompts",)
 
     def __init__(self, config: LearnerConfig):
         super().__init__(config)
         self.vision_prompts = learned_prompts(self.vision_depth, config.length, config.vision_width)
 
-    def prompts(self, batch_size, masks=None):
-        return per_sample(self.vision_prompts, batch_size), None
+    def prompts(self, batch_size, masks=None, values=None):
+        return self.prompt_values(batch_size, values)["vision_prompts"], None
 
 
 @register("coop")
@@ -256,13 +273,14 @@ class CoOp(PromptLearner):
     """CoOp, deep: L learnable text prompts per layer."""
 
     towers = ("text",)
+    prompt_names = ("text_prompts",)
 
     def __init__(self, config: LearnerConfig):
         super().__init__(config)
         self.text_prompts = learned_prompts(self.text_depth, config.length, config.text_width)
 
-    def prompts(self, batch_size, masks=None):
-        return None, per_sample(self.text_prompts, batch_size)
+    def prompts(self, batch_size, masks=None, values=None):
+        return None, self.prompt_values(batch_size, values)["text_prompts"]
 
 
 @register("maple")
@@ -270,6 +288,7 @@ class MaPLe(PromptLearner):
     """MaPLe: learnable text prompts; each prompted image layer gets a linear map of its layer's text prompts."""
 
     towers = ("vision", "text")
+    prompt_names = ("text_prompts",)
 
     def __init__(self, config: LearnerConfig):
         super().__init__(config)
@@ -278,9 +297,13 @@ class MaPLe(PromptLearner):
         self.couplers = nn.ModuleList([nn.Linear(config.text_width, config.vision_width)
                                        for _ in range(self.vision_depth)])
 
-    def prompts(self, batch_size, masks=None):
-        vision = torch.stack([c(self.text_prompts[i]) for i, c in enumerate(self.couplers)])  # (dv, L, Dv)
-        return per_sample(vision, batch_size), per_sample(self.text_prompts[: self.text_depth], batch_size)
+    def prompts(self, batch_size, masks=None, values=None):
+        if not values:  # the learned prompts: map them once for the whole batch
+            vision = torch.stack([c(self.text_prompts[i]) for i, c in enumerate(self.couplers)])  # (dv, L, Dv)
+            return per_sample(vision, batch_size), per_sample(self.text_prompts[: self.text_depth], batch_size)
+        text = self.prompt_values(batch_size, values)["text_prompts"]  # (B, n, L, Dt)
+        vision = torch.stack([c(text[:, i]) for i, c in enumerate(self.couplers)], dim=1)  # (B, dv, L, Dv)
+        return vision, text[:, : self.text_depth]
 
 
 @register("clip_adapter")
@@ -328,11 +351,12 @@ def prompted_forward(
     ids: torch.Tensor,  # (B, T) one expression per image
     mask: torch.Tensor,  # (B, T)
     masks: torch.Tensor | None = None,  # (B, n, 1, m, m) decoded mask logits (Diff-Prompt)
+    values: dict[str, torch.Tensor] | None = None,  # per-sample prompt tensors (Prompt Diffusion)
 ) -> GroundingOutput:
     """The foundation with the learner's prompts / adapters / heads: logits (B, P, 1), boxes (B, P, 4)."""
     vision_prompts = text_prompts = None
     if learner is not None:
-        vision_prompts, text_prompts = learner.prompts(pixels.shape[0], masks)
+        vision_prompts, text_prompts = learner.prompts(pixels.shape[0], masks, values)
     image = foundation.encode_image(pixels, vision_prompts)
     query = foundation.encode_text(ids, mask, text_prompts).query_embeds[:, None, :]  # (B, 1, E)
     if learner is None:

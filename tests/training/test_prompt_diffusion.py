@@ -1,0 +1,100 @@
+"""Prompt Diffusion on a tiny CoOp pipeline: per-sample prompts reach the towers, the stage writes a
+pipeline that evaluate reads, and the overfitted targets are cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffprompt.training import evaluate, train_prompt_diffusion, train_prompts
+from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
+from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
+from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
+from diffprompt.training.models.prompt_diffusion import PromptDiffusion, PromptDiffusionConfig
+from diffprompt.training.models.prompt_learners import PromptLearner
+
+
+@pytest.fixture(scope="module")
+def coop(small_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pd")
+    torch.manual_seed(0)
+    tok = synthetic_tokenizer()
+    GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(root / "foundation")
+    tok.save(root / "foundation")
+    train_prompts.main(train_prompts.build_parser().parse_args(
+        ["--method", "coop", "--epochs", "1", "--batch-size", "8", "--eval-every", "0", "--foundation",
+         str(root / "foundation"), "--output", str(root / "coop"), "--data-dir", str(small_world),
+         "--run-root", str(root / "runs"), "--threads", "1", "--no-progress"]))
+    return root
+
+
+@pytest.mark.parametrize("method", ["coop", "vpt", "maple"])
+def test_per_sample_values_replace_the_learned_prompts_sample_by_sample(method):
+    foundation = GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=50))
+    learner = PromptLearner.for_foundation(foundation, method, depth=2, length=4)
+    (name,) = learner.prompt_names
+    learned = learner.prompts(3)
+    values = {name: getattr(learner, name).detach().expand(3, *getattr(learner, name).shape).clone()}
+    values[name][1] += 1.0  # only sample 1 differs
+    given = learner.prompts(3, values=values)
+    for a, b in zip(learned, given):
+        if a is not None:
+            assert torch.allclose(a[0], b[0]) and torch.allclose(a[2], b[2]) and not torch.allclose(a[1], b[1])
+
+
+def test_the_model_packs_offsets_and_starts_at_the_base_prompts():
+    shapes = {"text_prompts": [2, 4, 16]}
+    model = PromptDiffusion(PromptDiffusionConfig(prompt_shapes=shapes, image_embed_dim=8, text_embed_dim=8,
+                                                  image_token_dim=12, text_token_dim=16, hidden_size=32, depth=1,
+                                                  num_heads=2, offset_scale=4.0))
+    prompts = {"text_prompts": torch.randn(5, 2, 4, 16)}
+    x0 = model.offsets(prompts)
+    assert x0.shape == (5, model.num_features) == (5, 128)
+    assert torch.allclose(model.prompts(x0)["text_prompts"], prompts["text_prompts"], atol=1e-6)
+    out = model(x0, torch.zeros(5, dtype=torch.long), torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 7, 12),
+                torch.randn(5, 3, 16), torch.ones(5, 3))
+    assert out.shape == x0.shape and torch.count_nonzero(out) == 0  # adaLN-Zero: the offset 0, i.e. the base
+
+
+def test_the_stage_writes_a_pipeline_that_evaluate_reads_and_reuses_its_targets(coop, small_world, tmp_path):
+    root = coop
+    common = ["--base", str(root / "coop"), "--train-steps", "3", "--batch-size", "8", "--overfit-steps", "2",
+              "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
+              "--data-dir", str(small_world), "--cache-dir", str(tmp_path / "cache"), "--run-root",
+              str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
+    summary = train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
+        [*common, "--output", str(tmp_path / "coop_pd")]))
+    assert 0.0 <= summary["history"][-1]["val_R@1"] <= 1.0
+    spec = json.loads((tmp_path / "coop_pd" / PIPELINE_FILE).read_text())
+    assert spec["prompt_diffusion"] == "prompt_diffusion" and spec["prompt_diffusion_solver"] == "dpm"
+    pipe = DiffPromptPipeline.from_pretrained(tmp_path / "coop_pd", steps=2)
+    assert pipe.prompt_diffusion.config.offset_scale > 0
+    assert torch.equal(pipe.prompt_diffusion.base_prompts()["text_prompts"], pipe.learner.text_prompts)
+    targets = list((tmp_path / "cache").glob("prompt-targets-*"))
+    assert len(targets) == 1
+    mtime = max(p.stat().st_mtime_ns for p in targets[0].iterdir())
+    train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
+        [*common, "--output", str(tmp_path / "again")]))
+    assert max(p.stat().st_mtime_ns for p in targets[0].iterdir()) == mtime  # reused, not recomputed
+    out = tmp_path / "eval.json"
+    assert evaluate.main(evaluate.build_parser().parse_args(
+        ["--checkpoint", str(tmp_path / "coop_pd"), "--split", "val", "--data-dir", str(small_world),
+         "--ddim-steps", "2", "--out", str(out), "--no-progress", "--threads", "1"])) == 0
+    assert json.loads(out.read_text())["results"]["val"][-1]["group"] == "all"
+
+
+def test_a_learner_without_prompts_is_refused_in_one_line(coop, small_world, tmp_path):
+    from diffprompt.core.errors import UserError
+
+    root = coop
+    train_prompts.main(train_prompts.build_parser().parse_args(
+        ["--method", "linear_probe", "--epochs", "1", "--batch-size", "8", "--eval-every", "0", "--foundation",
+         str(root / "foundation"), "--output", str(tmp_path / "probe"), "--data-dir", str(small_world),
+         "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]))
+    with pytest.raises(UserError, match="no prompt tensors to diffuse"):
+        train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
+            ["--base", str(tmp_path / "probe"), "--output", str(tmp_path / "never"), "--data-dir", str(small_world),
+             "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]))
+    assert not (tmp_path / "never").exists()
