@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from diffprompt.core.ddim import steps_from_table
@@ -34,6 +35,7 @@ from diffprompt.core.manifest import (
     file_entry,
 )
 from diffprompt.core.no_match import NoMatchCalibration
+from diffprompt.core.prompt_solver import PromptSampler
 from diffprompt.core.tokenizer import TOKENIZER_FILE
 from diffprompt.model_export.float16 import PRECISIONS, to_float16
 from diffprompt.model_export.graphs import (
@@ -41,6 +43,9 @@ from diffprompt.model_export.graphs import (
     Denoiser,
     Grounding,
     PromptBuilder,
+    PromptConditions,
+    PromptDenoiser,
+    PromptedGrounding,
     export_onnx,
 )
 from diffprompt.model_export.shared_weights import share_weights
@@ -58,6 +63,19 @@ def schedule_table(scheduler, steps: int) -> list[dict]:
         rows.append({"timestep": int(t), "alpha_prod_t": float(alphas[t]),
                      "alpha_prod_prev": float(alphas[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)})
     return rows
+
+
+def prompt_sampler_info(pipeline: DiffPromptPipeline, steps: int) -> PromptSampler:
+    """The manifest's Prompt Diffusion sampler at `steps` steps: the pipeline's solver and its schedule,
+    as diffusers computes them (diffprompt.core.prompt_solver runs them in numpy)."""
+    sched = pipeline.prompt_sampler
+    sched.set_timesteps(steps)
+    timesteps = tuple(int(t) for t in sched.timesteps)
+    num_features = pipeline.prompt_diffusion.num_features
+    if isinstance(sched, DDIMScheduler):
+        rows = tuple(steps_from_table(schedule_table(sched, steps)))
+        return PromptSampler("ddim", num_features, timesteps, ddim=rows)
+    return PromptSampler("dpm", num_features, timesteps, sigmas=tuple(float(v) for v in sched.sigmas))
 
 
 def _io(names: list[str], tensors) -> tuple[TensorInfo, ...]:
@@ -117,7 +135,7 @@ def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, 
 
 def derive_steps(source: Path, pipeline: DiffPromptPipeline, out: Path, steps: int,
                  no_match: NoMatchCalibration | None = None) -> Path:
-    """The same Diff-Prompt artifact at another DDIM step count, sharing `source`'s files.
+    """The same Diff-Prompt (or Prompt Diffusion) artifact at another step count, sharing `source`'s files.
 
     Only the manifest depends on the step count (its schedule table and kept outputs): the graphs,
     weights.bin and tokenizer.json are hard links to `source`'s, so a second step count costs no
@@ -125,11 +143,15 @@ def derive_steps(source: Path, pipeline: DiffPromptPipeline, out: Path, steps: i
     `source`, so both manifests validate. `no_match` is this step count's calibration (or none).
     """
     manifest = Manifest.from_dict(json.loads((source / MANIFEST_FILE).read_text()))
-    if manifest.sampler is None:
-        raise ValueError(f"{source}: has no sampler; only Diff-Prompt artifacts have step counts")
-    sched, learner = pipeline.scheduler, pipeline.learner
-    sampler = dataclasses.replace(manifest.sampler, schedule=tuple(steps_from_table(schedule_table(sched, steps))),
-                                  kept_outputs=tuple(kept_outputs(sched, steps, learner.mask_layers)))
+    if manifest.sampler is None and manifest.prompt_sampler is None:
+        raise ValueError(f"{source}: has no sampler; only Diff-Prompt and Prompt Diffusion artifacts have step counts")
+    sampler, prompt_sampler = manifest.sampler, manifest.prompt_sampler
+    if sampler is not None:
+        sched, learner = pipeline.scheduler, pipeline.learner
+        sampler = dataclasses.replace(sampler, schedule=tuple(steps_from_table(schedule_table(sched, steps))),
+                                      kept_outputs=tuple(kept_outputs(sched, steps, learner.mask_layers)))
+    if prompt_sampler is not None:
+        prompt_sampler = prompt_sampler_info(pipeline, steps)
     tmp = staging_dir(out)
     try:
         for name in manifest.files:
@@ -137,7 +159,8 @@ def derive_steps(source: Path, pipeline: DiffPromptPipeline, out: Path, steps: i
                 os.link(source / name, tmp / name)
             except OSError:  # another file system, or links not allowed
                 shutil.copy2(source / name, tmp / name)
-        derived = dataclasses.replace(manifest, ddim_steps=steps, sampler=sampler, no_match=no_match,
+        derived = dataclasses.replace(manifest, ddim_steps=steps, sampler=sampler, prompt_sampler=prompt_sampler,
+                                      no_match=no_match,
                                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         (tmp / MANIFEST_FILE).write_text(json.dumps(derived.to_dict(), indent=2))
     except BaseException:
@@ -179,6 +202,18 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         jobs.append(("grounding", ground, (pixels, ids, mask, vp, tp),
                      ["pixel_values", "input_ids", "attention_mask", "vision_prompts", "text_prompts"],
                      ["logits", "boxes"]))
+    elif pipeline.prompt_diffusion is not None:
+        model = pipeline.prompt_diffusion.eval()
+        enc = PromptConditions(foundation)
+        with torch.no_grad():
+            cond = enc(pixels, ids, mask)
+        jobs.append(("prompt_conditions", enc, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
+                     enc.output_names))
+        x = torch.randn(2, model.num_features, generator=torch.Generator().manual_seed(1))
+        jobs.append(("prompt_denoiser", PromptDenoiser(model), (x, torch.tensor([99, 3]), *cond),
+                     ["x", "timesteps", *enc.output_names], ["x0"]))
+        jobs.append(("grounding", PromptedGrounding(foundation, learner.eval(), model), (pixels, ids, mask, x),
+                     ["pixel_values", "input_ids", "attention_mask", "prompt_offsets"], ["logits", "boxes"]))
     else:
         ground = Grounding(foundation, learner.eval() if learner is not None else None)
         jobs.append(("grounding", ground, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
@@ -215,6 +250,7 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
             prompt_depth={"vision": learner.vision_depth, "text": learner.text_depth},
             prompt_length=learner.config.length,
         )
+    prompt_sampler = prompt_sampler_info(pipeline, steps) if pipeline.prompt_diffusion is not None else None
     files = {p.name: file_entry(p) for p in sorted(tmp.iterdir())}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
     manifest = Manifest(
@@ -222,9 +258,9 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         method=learner.config.method if learner is not None else "foundation",
         image=ImageSpec.from_config(cfg), num_patches=cfg.num_patches,
         tokenizer=TokenizerInfo(TOKENIZER_FILE, cfg.max_text_length),
-        ddim_steps=steps if diffprompt else 0, graphs=graphs, files=files, sampler=sampler,
+        ddim_steps=steps if diffprompt or prompt_sampler else 0, graphs=graphs, files=files, sampler=sampler,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
         export_max_abs_diff=diffs, dtype=PRECISIONS[precision], no_match=no_match,
-        pointer_weight=pipeline.pointer_weight if diffprompt else 0.0,
+        pointer_weight=pipeline.pointer_weight if diffprompt else 0.0, prompt_sampler=prompt_sampler,
     )
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))

@@ -46,9 +46,9 @@ def main(args: argparse.Namespace) -> int:
                               f"({CONFIG_NAME})" + ("" if src.is_dir() else ": no such directory"))
     name = args.name or src.name
     out_root = Path(args.out)
-    diffprompt = pipeline.learner is not None and pipeline.learner.needs_masks
+    sampled = (pipeline.learner is not None and pipeline.learner.needs_masks) or pipeline.prompt_diffusion is not None
     first = None
-    for steps in (args.steps if diffprompt else [None]):
+    for steps in (args.steps if sampled else [None]):
         out = out_root / (f"{name}-{steps}steps" if steps else name)
         no_match = read_calibration(src, steps)
         if no_match is not None and no_match.fingerprint != weights_fingerprint(src):

@@ -12,6 +12,15 @@
     grounding          pixel_values, input_ids, attention_mask [, vision_prompts, text_prompts]
                        -> logits (B,P), boxes (B,P,4) cxcywh in [0, 1] of the input square
 
+Prompt Diffusion artifacts (a base learner whose prompts are generated per query) have three:
+
+    prompt_conditions  pixel_values, input_ids, attention_mask
+                       -> image_embed (B,E), text_embed (B,E), image_tokens (B,1+P,Dv), text_tokens (B,T,Dt),
+                          text_mask (B,T): the unprompted foundation's outputs
+    prompt_denoiser    x (B,F), timesteps (B,) int64, + the prompt_conditions outputs -> x0 (B,F)
+    grounding          pixel_values, input_ids, attention_mask, prompt_offsets (B,F)
+                       -> logits, boxes: the learner run with base prompts + the generated offsets
+
 The DDIM loop between denoiser calls runs in numpy (diffprompt/core/ddim.py) from the schedule
 table in the manifest, so one denoiser graph serves every step count; the artifact still
 records and enforces its one step count.
@@ -27,6 +36,7 @@ from torch import nn
 from diffprompt.training.models.diffprompt import foundation_conditions
 from diffprompt.training.models.grounding import GroundingModel
 from diffprompt.training.models.mask_vae import decode_latents
+from diffprompt.training.models.prompt_diffusion import PromptDiffusion
 from diffprompt.training.models.prompt_dit import PromptDiT
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 
@@ -69,6 +79,47 @@ class PromptBuilder(nn.Module):
         masks = logits.view(B, n, *logits.shape[1:])
         vision, text = self.learner.prompts(B, masks)
         return vision, text, masks
+
+
+PROMPT_CONDITIONS = ("image_embed", "text_embed", "image_tokens", "text_tokens", "text_mask")
+
+
+class PromptConditions(nn.Module):
+    """Prompt Diffusion's conditions: the unprompted foundation's pooled embeddings and tokens."""
+
+    output_names = list(PROMPT_CONDITIONS)
+
+    def __init__(self, foundation: GroundingModel):
+        super().__init__()
+        self.foundation = foundation
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=True)
+        return tuple(cond[k] for k in PROMPT_CONDITIONS)
+
+
+class PromptDenoiser(nn.Module):
+    """One call of the prompt-space DiT: noisy packed offsets (B, F) -> predicted x0 (B, F)."""
+
+    def __init__(self, model: PromptDiffusion):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, timesteps, image_embed, text_embed, image_tokens, text_tokens, text_mask):
+        return self.model(x, timesteps, image_embed, text_embed, image_tokens, text_tokens, text_mask)
+
+
+class PromptedGrounding(nn.Module):
+    """The learner run with per-query prompts: its base prompts + the generated offsets (B, F)."""
+
+    def __init__(self, foundation: GroundingModel, learner: PromptLearner, model: PromptDiffusion):
+        super().__init__()
+        self.foundation, self.learner, self.model = foundation, learner, model
+
+    def forward(self, pixel_values, input_ids, attention_mask, prompt_offsets):
+        values = self.model.prompts(prompt_offsets)
+        out = prompted_forward(self.foundation, self.learner, pixel_values, input_ids, attention_mask, None, values)
+        return out.logits[..., 0], out.pred_boxes  # (B, P), (B, P, 4)
 
 
 class Grounding(nn.Module):

@@ -20,6 +20,7 @@ from diffprompt.core.ddim import DDIMStep, steps_from_table
 from diffprompt.core.errors import UserError, read_json_object
 from diffprompt.core.image_spec import ImageSpec
 from diffprompt.core.no_match import NoMatchCalibration
+from diffprompt.core.prompt_solver import PromptSampler
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -124,6 +125,8 @@ class Manifest:
     # fusion: each box's logit + pointer_weight x the pointer's log-probability of its patch relative to
     # uniform (the condition encoder's last `maps` channel); 0 = the grounding logits alone
     pointer_weight: float = 0.0
+    # Prompt Diffusion artifacts: the solver loop over the prompt_denoiser graph (diffprompt.core.prompt_solver)
+    prompt_sampler: PromptSampler | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -137,7 +140,7 @@ class Manifest:
                      "clip_sample_range", "schedule", "kept_outputs", "prompt_depth", "prompt_length")
     _KNOWN = {"format_version", "name", "created", "versions", "method", "dtype", "image", "tokenizer",
               "ddim_steps", "graphs", "export_max_abs_diff", "files", "model_version", "no_match", "pointer_weight",
-              *_SAMPLER_KEYS}
+              "prompt_sampler", *_SAMPLER_KEYS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_FILE) -> Manifest:
@@ -159,6 +162,15 @@ class Manifest:
                 if len(sampler.schedule) != int(d["ddim_steps"]):
                     raise ArtifactError(f"{where}: schedule has {len(sampler.schedule)} rows for "
                                         f"{d['ddim_steps']} steps")
+            prompt_sampler = None
+            if "prompt_denoiser" in d["graphs"]:
+                ps = d["prompt_sampler"]
+                prompt_sampler = PromptSampler(
+                    ps["solver"], int(ps["num_features"]), tuple(int(t) for t in ps["timesteps"]),
+                    tuple(float(v) for v in ps.get("sigmas", ())), tuple(steps_from_table(ps.get("ddim", []))))
+                if prompt_sampler.steps != int(d["ddim_steps"]):
+                    raise ArtifactError(f"{where}: prompt_sampler has {prompt_sampler.steps} steps, the artifact "
+                                        f"runs {d['ddim_steps']}")
             no_match = NoMatchCalibration.from_dict(d["no_match"]) if d.get("no_match") is not None else None
             if no_match is not None:
                 computed = {"scores", "boxes", "attention_mask", *(["mask_logits"] if sampler else []),
@@ -183,7 +195,8 @@ class Manifest:
                 files=dict(d["files"]), num_patches=d["image"].get("num_patches"), sampler=sampler,
                 created=d.get("created", ""), versions=dict(d.get("versions", {})), dtype=d.get("dtype", "float32"),
                 export_max_abs_diff=dict(d.get("export_max_abs_diff", {})), no_match=no_match,
-                pointer_weight=pointer_weight, extra={k: v for k, v in d.items() if k not in cls._KNOWN})
+                pointer_weight=pointer_weight, prompt_sampler=prompt_sampler,
+                extra={k: v for k, v in d.items() if k not in cls._KNOWN})
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError) as e:
@@ -212,6 +225,12 @@ class Manifest:
                 "kept_outputs": list(s.kept_outputs), "prompt_depth": dict(s.prompt_depth),
                 "prompt_length": s.prompt_length,
             })
+        if self.prompt_sampler is not None:
+            ps = self.prompt_sampler
+            d["prompt_sampler"] = {
+                "solver": ps.solver, "num_features": ps.num_features, "timesteps": list(ps.timesteps),
+                "sigmas": list(ps.sigmas), "ddim": [{"timestep": r.timestep, "alpha_prod_t": r.alpha_prod_t,
+                                                     "alpha_prod_prev": r.alpha_prod_prev} for r in ps.ddim]}
         if self.pointer_weight:
             d["pointer_weight"] = self.pointer_weight
         if self.no_match is not None:

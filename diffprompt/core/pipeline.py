@@ -30,6 +30,7 @@ import numpy as np
 
 from diffprompt.core.ddim import ddim_update
 from diffprompt.core.manifest import Manifest
+from diffprompt.core.prompt_solver import sample_offsets
 
 Infer = Callable[[str, dict[str, np.ndarray], list[str]], list[np.ndarray]]
 STAGES = ("condition", "sampler", "prompt_builder", "grounding")
@@ -90,6 +91,8 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
     if len(seeds) != len(base["pixel_values"]):
         raise ValueError(f"{len(seeds)} seeds for a batch of {len(base['pixel_values'])}")
+    if manifest.prompt_sampler is not None:
+        return _run_prompt_diffusion(infer, manifest, base, seeds, clock)
     if manifest.sampler is None:
         t0 = clock()
         logits, boxes = infer("grounding", base, _outputs(manifest, "grounding"))
@@ -112,6 +115,29 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
     mask_logits = np.ascontiguousarray(masks[:, 0, 0], dtype=np.float32)  # shallowest layer's mask = final x0
     result = GroundingResult(sigmoid(logits), boxes, mask_logits, seconds)
     return _with_no_match(manifest, result, base["attention_mask"], conditions)
+
+
+def _run_prompt_diffusion(infer: Infer, manifest: Manifest, base: dict[str, np.ndarray], seeds: Sequence[int],
+                          clock: Callable[[], float]) -> GroundingResult:
+    """Prompt Diffusion: the unprompted foundation's conditions, the solver loop over the prompt
+    denoiser from seeded noise (one PCG64 stream per seed), then grounding with the generated prompts."""
+    sampler = manifest.prompt_sampler
+    t0 = clock()
+    cond_names = _outputs(manifest, "prompt_conditions")
+    conditions = dict(zip(cond_names, infer("prompt_conditions", base, cond_names)))
+    t1 = clock()
+    out = _outputs(manifest, "prompt_denoiser")
+
+    def denoise(x: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        return infer("prompt_denoiser", {"x": x, "timesteps": timesteps, **conditions}, out)[0]
+
+    offsets = sample_offsets(denoise, sampler, initial_noise(seeds, (sampler.num_features,)))  # (B, F)
+    t2 = clock()
+    logits, boxes = infer("grounding", {**base, "prompt_offsets": offsets}, _outputs(manifest, "grounding"))
+    t3 = clock()
+    seconds = {"condition": t1 - t0, "sampler": t2 - t1, "grounding": t3 - t2}
+    return _with_no_match(manifest, GroundingResult(sigmoid(logits), boxes, None, seconds), base["attention_mask"],
+                          conditions)
 
 
 def fuse_pointer(logits: np.ndarray, maps: np.ndarray, weight: float) -> np.ndarray:

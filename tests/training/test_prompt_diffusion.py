@@ -98,3 +98,86 @@ def test_a_learner_without_prompts_is_refused_in_one_line(coop, small_world, tmp
             ["--base", str(tmp_path / "probe"), "--output", str(tmp_path / "never"), "--data-dir", str(small_world),
              "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]))
     assert not (tmp_path / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def coop_pd(coop, small_world, tmp_path_factory):
+    """A Prompt Diffusion pipeline on the tiny CoOp learner (3 DiT steps)."""
+    out = tmp_path_factory.mktemp("pd_pipeline") / "coop_pd"
+    train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
+        ["--base", str(coop / "coop"), "--train-steps", "3", "--batch-size", "8", "--overfit-steps", "2",
+         "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
+         "--data-dir", str(small_world), "--cache-dir", str(out.parent / "cache"), "--run-root",
+         str(out.parent / "runs"), "--output", str(out), "--threads", "1", "--no-progress"]))
+    with torch.no_grad():  # a DiT trained 3 steps predicts offsets near 0: make them matter for the parity check
+        model = PromptDiffusion.from_pretrained(out / "prompt_diffusion")
+        for linear in model.out.values():
+            linear.weight.normal_(0, 0.05)
+        model.final_modulation[-1].weight.normal_(0, 0.05)
+        model.save_pretrained(out / "prompt_diffusion")
+    return out
+
+
+@pytest.mark.parametrize("solver", ["dpm", "ddim"])
+def test_the_exported_artifact_answers_as_pytorch_does(coop_pd, small_world, tmp_path, solver):
+    """`diffprompt export` of a Prompt Diffusion pipeline at 5 and 3 steps (graphs shared), then the
+    torch-free runtime on val images against the PyTorch pipeline, same seeds."""
+    import numpy as np
+    from PIL import Image
+
+    from diffprompt import cli
+    from diffprompt.core.runtime import GroundingRuntime
+    from diffprompt.training.data.mdetr import load_split
+
+    spec = json.loads((coop_pd / PIPELINE_FILE).read_text())
+    spec["prompt_diffusion_solver"] = solver
+    (coop_pd / PIPELINE_FILE).write_text(json.dumps(spec))
+    assert cli.main(["export", "--pipeline", str(coop_pd), "--steps", "5", "3", "--out", str(tmp_path / "art"),
+                     "--threads", "1", "--no-progress"]) == 0
+    art5, art3 = tmp_path / "art" / "coop_pd-5steps", tmp_path / "art" / "coop_pd-3steps"
+    manifest = json.loads((art5 / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"prompt_conditions", "prompt_denoiser", "grounding"}
+    assert manifest["prompt_sampler"]["solver"] == solver and len(manifest["prompt_sampler"]["timesteps"]) == 5
+    assert (art5 / "grounding.onnx").stat().st_ino == (art3 / "grounding.onnx").stat().st_ino  # shared
+    samples = load_split(small_world / "val.json")[:4]
+    for art, steps in ((art5, 5), (art3, 3)):
+        runtime = GroundingRuntime.load(art)
+        pipe = DiffPromptPipeline.from_pretrained(coop_pd, steps=steps)
+        pixels = np.stack([runtime.image_spec.preprocess(Image.open(s.image_path).convert("RGB")) for s in samples])
+        ids, mask = runtime.tokenizer([s.expression for s in samples])
+        seeds = [0, 1, 2, 12345]
+        got_scores, got_boxes = runtime.score(pixels, ids, mask, seeds)
+        want_scores, want_boxes = pipe.score(pixels, ids.astype(np.int64), mask.astype(np.int64), seeds)
+        assert np.abs(got_scores - want_scores).max() < 1e-3 and np.abs(got_boxes - want_boxes).max() < 1e-3
+        base = DiffPromptPipeline.from_pretrained(coop_pd, steps=steps)
+        base.prompt_diffusion = None  # the base learner alone answers otherwise: the generated prompts matter
+        base_scores = base.score(pixels, ids.astype(np.int64), mask.astype(np.int64), seeds)[0]
+        assert np.abs(base_scores - want_scores).max() > 1e-4
+    spec["prompt_diffusion_solver"] = "dpm"
+    (coop_pd / PIPELINE_FILE).write_text(json.dumps(spec))
+
+
+def test_the_real_server_serves_a_prompt_diffusion_artifact(coop_pd, tmp_path):
+    """`python -m diffprompt.service` on the exported artifact: a 200 with boxes, the same answer for the
+    same seed, the request's seed deciding the generated prompts."""
+    from diffprompt import cli
+    from tests.service.service_testkit import ServerProcess, encode, rgb_image
+
+    assert cli.main(["export", "--pipeline", str(coop_pd), "--steps", "5", "--out", str(tmp_path / "art"),
+                     "--threads", "1", "--no-progress"]) == 0
+    server = ServerProcess(tmp_path / "art" / "coop_pd-5steps", tmp_path / "server").start()
+    try:
+        server.wait_ready()
+        model = server.client.get("/readyz").json()["model"]
+        assert model["makes_masks"] is False and model["ddim_steps"] == 5
+        image = encode(rgb_image(160, 120, seed=2), "PNG")
+        first = server.ground(image, "the red circle", top_k=3, seed=4)
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert len(body["boxes"]) == 3 and body["mask_png_base64"] is None and body["ddim_steps"] == 5
+        again = server.ground(image, "the red circle", top_k=3, seed=4).json()
+        assert again["boxes"] == body["boxes"]
+        other = server.ground(image, "the red circle", top_k=3, seed=5).json()
+        assert [b["score"] for b in other["boxes"]] != [b["score"] for b in body["boxes"]]
+    finally:
+        server.stop()
