@@ -51,6 +51,12 @@ def main(args: argparse.Namespace) -> int:
     elif (Path(args.checkpoint) / PIPELINE_FILE).exists():
         model = DiffPromptPipeline.from_pretrained(args.checkpoint, steps=args.ddim_steps)
         tokenizer = model.tokenizer
+        if model.prompt_diffusion is not None and not args.prompt_diffusion:  # the base learner alone
+            model.prompt_diffusion = model.prompt_sampler = None
+        elif model.prompt_diffusion is not None and args.solver:
+            from diffprompt.training.models.diffprompt import load_prompt_diffusion
+
+            _, model.prompt_sampler = load_prompt_diffusion(Path(args.checkpoint) / "prompt_diffusion", args.solver)
     else:
         model, tokenizer = load_foundation(args.checkpoint)
     datasets: list[tuple[str, Path]] = [(Path(j).stem, Path(j)) for j in args.json]
@@ -95,7 +101,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="expressions per forward pass (lower it for big models)")
     p.add_argument("--criterion", default="iou", choices=["iou", "giou"])
-    p.add_argument("--ddim-steps", type=positive_int, default=25, help="Diff-Prompt sampling steps")
+    p.add_argument("--ddim-steps", type=positive_int, default=25,
+                   help="sampling steps (Diff-Prompt's DDIM, Prompt Diffusion's solver)")
+    p.add_argument("--no-prompt-diffusion", dest="prompt_diffusion", action="store_false",
+                   help="a Prompt Diffusion pipeline: score its base learner alone (the learned prompts)")
+    p.add_argument("--solver", default=None, choices=["dpm", "ddim"],
+                   help="a Prompt Diffusion pipeline: sample its prompts with this solver (default: its own)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="Diff-Prompt noise seed")
     p.add_argument("--seed-policy", choices=list(SEED_POLICIES), default="service",
                    help="service: every expression gets --seed, as the service does (default); "

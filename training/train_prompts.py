@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+from diffprompt.cli import positive_int
 from diffprompt.training.options import add_data_args, add_run_args
 from diffprompt.training.utils.resume import add_resume_args
 
@@ -32,7 +33,25 @@ def main(args: argparse.Namespace) -> dict:
     from diffprompt.training.stages import prompts
 
     args.output = args.output or f"runs/{args.method}"
-    return prompts.main(args)
+    summary = prompts.main(args)
+    if not args.prompt_diffusion:
+        return summary
+    # Prompt Diffusion on the learner just trained, into the same --output (the base learner stays in it:
+    # `evaluate --no-prompt-diffusion` scores it alone)
+    from diffprompt.training import train_prompt_diffusion
+
+    pd_args = train_prompt_diffusion.build_parser().parse_args(["--base", args.output])
+    for name in SHARED_WITH_PROMPT_DIFFUSION:
+        setattr(pd_args, name, getattr(args, name))
+    pd_args.overwrite = True
+    if args.prompt_diffusion_steps:
+        pd_args.train_steps = args.prompt_diffusion_steps
+    return {**summary, "prompt_diffusion": train_prompt_diffusion.main(pd_args)}
+
+
+# options train-prompts hands on to the Prompt Diffusion stage (--prompt-diffusion)
+SHARED_WITH_PROMPT_DIFFUSION = ("output", "data_dir", "train_json", "val_json", "image_root", "val_limit", "workers",
+                                "cache_dir", "run_root", "seed", "threads", "device", "progress")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -50,6 +69,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="how Diff-Prompt's adapters read a decoded mask: standardised per mask, or tanh of its logits")
     p.add_argument("--depth", type=int, default=9, help="prompted layers from the input (capped per tower)")
     p.add_argument("--length", type=int, default=8, help="prompt tokens per layer")
+    p.add_argument("--prompt-diffusion", action="store_true",
+                   help="then Prompt Diffusion on the trained prompts (coop, vpt, maple), with the defaults of "
+                        "`diffprompt train-prompt-diffusion`, into the same --output")
+    p.add_argument("--prompt-diffusion-steps", type=positive_int, default=None,
+                   help="--prompt-diffusion: its DiT's training steps (default: train-prompt-diffusion's)")
     add_run_args(p, output="runs/<method>")
     add_resume_args(p, save_every=100)
     p.add_argument("--epochs", type=int, default=2,

@@ -181,3 +181,73 @@ def test_the_real_server_serves_a_prompt_diffusion_artifact(coop_pd, tmp_path):
         assert [b["score"] for b in other["boxes"]] != [b["score"] for b in body["boxes"]]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 25])
+@pytest.mark.parametrize("solver", ["dpm", "ddim"])
+def test_the_numpy_solvers_walk_diffusers_trajectories(steps, solver):
+    """diffprompt.core.prompt_solver (what the torch-free runtime runs, from the table the exporter
+    writes) against diffusers' own DPMSolverMultistepScheduler / DDIMScheduler, on a fixed nonlinear
+    x0 predictor."""
+    import numpy as np
+
+    from diffprompt.core.prompt_solver import sample_offsets
+    from diffprompt.model_export.artifact import prompt_sampler_info
+    from diffprompt.training.models.prompt_diffusion import SCHEDULE_DEFAULTS, make_sampler
+
+    class Stub:  # what prompt_sampler_info reads of a pipeline
+        prompt_sampler = make_sampler(SCHEDULE_DEFAULTS, solver)
+        prompt_diffusion = type("M", (), {"num_features": 6})()
+
+    table = prompt_sampler_info(Stub, steps)
+    weights = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32) * 0.3
+
+    def x0_of(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return np.tanh(x @ weights + t[:, None] / 100.0).astype(np.float32)
+
+    noise = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
+    got = sample_offsets(x0_of, table, noise)
+    scheduler = make_sampler(SCHEDULE_DEFAULTS, solver)
+    scheduler.set_timesteps(steps)
+    x = torch.from_numpy(noise)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.from_numpy(x0_of(x.numpy(), np.full((3,), int(t)))), t, x).prev_sample
+    assert table.steps == steps and np.abs(got - x.numpy()).max() < 1e-5
+
+
+def test_train_prompts_flag_adds_prompt_diffusion_and_evaluate_can_leave_it_out(coop, small_world, tmp_path):
+    """`train-prompts --prompt-diffusion`: one --output holding the base learner and its Prompt Diffusion;
+    `evaluate --no-prompt-diffusion` scores the base learner alone, from the same directory."""
+    root = coop
+    summary = train_prompts.main(train_prompts.build_parser().parse_args(
+        ["--method", "vpt", "--epochs", "1", "--batch-size", "8", "--eval-every", "0", "--prompt-diffusion",
+         "--prompt-diffusion-steps", "2", "--foundation", str(root / "foundation"), "--output",
+         str(tmp_path / "vpt"), "--data-dir", str(small_world), "--cache-dir", str(tmp_path / "cache"),
+         "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]))
+    assert summary["prompt_diffusion"]["method"] == "vpt"
+    spec = json.loads((tmp_path / "vpt" / PIPELINE_FILE).read_text())
+    assert spec["prompt_diffusion"] == "prompt_diffusion"
+    reports = {}
+    for flag in ([], ["--no-prompt-diffusion"], ["--solver", "ddim"]):
+        out = tmp_path / f"eval{len(reports)}.json"
+        assert evaluate.main(evaluate.build_parser().parse_args(
+            ["--checkpoint", str(tmp_path / "vpt"), "--split", "val", "--data-dir", str(small_world),
+             "--ddim-steps", "3", "--out", str(out), "--no-progress", "--threads", "1", *flag])) == 0
+        reports[" ".join(flag)] = json.loads(out.read_text())["results"]["val"][-1]
+    assert all(r["n"] == reports[""]["n"] for r in reports.values())
+
+
+@pytest.mark.slow
+def test_the_stage_under_torchrun_two_gloo_processes(coop, small_world, tmp_path):
+    from tests.torchrun_util import run_torchrun
+
+    proc = run_torchrun(["-m", "diffprompt.training.train_prompt_diffusion", "--base", str(coop / "coop"),
+                         "--train-steps", "2", "--batch-size", "4", "--overfit-steps", "1", "--hidden-size", "32",
+                         "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
+                         "--output", str(tmp_path / "pd"), "--data-dir", str(small_world),
+                         "--cache-dir", str(tmp_path / "cache"), "--run-root", str(tmp_path / "runs"),
+                         "--threads", "1", "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout + proc.stderr
+    DiffPromptPipeline.from_pretrained(tmp_path / "pd", steps=2)
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # rank 0 only

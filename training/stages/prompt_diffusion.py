@@ -31,7 +31,7 @@ from tqdm import tqdm
 from diffprompt.core.errors import UserError
 from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import RecArrays, data_digest, load_rec_arrays
-from diffprompt.training.data.row_cache import cached_rows, file_digest
+from diffprompt.training.data.row_cache import RowArrays, cached_rows, file_digest
 from diffprompt.training.evaluation.rec import evaluate_samples
 from diffprompt.training.losses import DetectionTargets, detection_loss, match
 from diffprompt.training.models.diffprompt import (
@@ -84,8 +84,6 @@ def main(args: argparse.Namespace) -> dict:
 
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
     log = run.log
-    if run.world_size > 1:
-        raise UserError("train-prompt-diffusion runs in one process for now (torchrun support is not written yet)")
     base_dir = Path(args.base)
     pipeline = DiffPromptPipeline.from_pretrained(base_dir, steps=args.steps)
     learner, foundation, tokenizer = pipeline.learner, pipeline.foundation, pipeline.tokenizer
@@ -110,7 +108,6 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     train_json, val_json = split_paths(run, args, "train", "val")
     train_data = load_rec_arrays(load_split(train_json, args.image_root), spec, 32, progress=args.progress)
     val_samples = load_split(val_json, args.image_root, args.val_limit)
-    val_data = load_rec_arrays(val_samples, spec, 32, progress=args.progress)
     ids, mask = (torch.from_numpy(a) for a in tokenizer([s.expression for s in train_data.samples]))
     args.cache_dtype = "float32"
     cond = cached_conditions(run, args, foundation, tokenizer, train_data, True)
@@ -121,8 +118,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
                       f"{args.frozen_batch_size}")
     directory = cache_dir(args) / f"prompt-targets-{key}"
     t0 = time.time()
-    targets = cached_rows(directory, len(train_data), lambda: overfitted_offsets(
-        pipeline, model, train_data, ids, mask, args, run.device)).files["offset"]
+    run.main_first(lambda: cached_rows(directory, len(train_data), lambda: overfitted_offsets(
+        pipeline, model, train_data, ids, mask, args, run.device)))  # rank 0 computes, the others read
+    targets = RowArrays(directory).files["offset"]
     log.info(f"overfitted prompts of {len(train_data)} expressions in {directory} ({time.time() - t0:.0f}s)")
     chunks = [np.arange(lo, min(lo + 1024, len(train_data))) for lo in range(0, len(train_data), 1024)]
     std = float(np.sqrt(sum(np.square(targets[c].astype(np.float64)).sum() for c in chunks)
@@ -133,8 +131,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
 
     # 3. the diffusion model
     schedule = make_sampler(SCHEDULE_DEFAULTS, "ddim")  # training only needs the forward process
-    generator = torch.Generator().manual_seed(args.seed * 1000 + 7)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + 7 + run.rank)
     ema = EMA(model.parameters(), decay=args.ema_decay)
+    denoiser = run.wrap(model)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     batches = run.batches(len(train_data), args.batch_size)
     history = []
@@ -145,8 +144,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, schedule.config.num_train_timesteps, (len(idx),), generator=generator)
         c = take(cond, idx, run.device)
-        pred = model(schedule.add_noise(x0, noise, t).to(run.device), t.to(run.device), c["image_embed"],
-                     c["text_embed"], c["image_tokens"], c["text_tokens"], c["text_mask"])
+        pred = denoiser(schedule.add_noise(x0, noise, t).to(run.device), t.to(run.device), c["image_embed"],
+                        c["text_embed"], c["image_tokens"], c["text_tokens"], c["text_mask"])
         loss = torch.nn.functional.mse_loss(pred, x0.to(run.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,8 +155,11 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.log_every == 0:
-            log.info(f"step {step + 1}/{args.train_steps} loss {loss.item():.4f}")
+            log.info(f"step {step + 1}/{args.train_steps} loss {run.mean(loss.item()):.4f}")
     bar.close()
+    log.info(f"world size {run.world_size}: {args.train_steps} steps of {args.batch_size} per process")
+    if not run.is_main:
+        return run.finish({})
 
     # 4. val R@1 of the base prompts and of the generated ones (EMA weights), then the pipeline directory
     with ema.applied(model.parameters()):
@@ -170,7 +172,6 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         log.info(f"val R@1: base {learner.method} {base_r1:.4f}, with prompt diffusion ({args.solver}, "
                  f"{args.steps} steps) {pd_r1:.4f}")
         history.append({"step": args.train_steps, "val_R@1_base": base_r1, "val_R@1": pd_r1})
-        del val_data
         summary = {"base": str(base_dir), "method": learner.method, "seconds": time.time() - t0,
                    "parameters": sum(p.numel() for p in model.parameters()), "history": history,
                    "run_dir": str(run.run_dir), "args": {k: str(v) for k, v in vars(args).items()}}
