@@ -46,7 +46,7 @@ from diffprompt.training.models.prompt_diffusion import SCHEDULE_DEFAULTS, Promp
 from diffprompt.training.models.prompt_learners import prompted_forward
 from diffprompt.training.stages.prompt_dit import cached_conditions, take
 from diffprompt.training.stages.runner import StageRunner, cache_dir, split_paths
-from diffprompt.training.utils.ema import EMA
+from diffprompt.training.utils.ema import EMA, optimizer_step
 
 
 def grounding_loss(out, boxes: list[torch.Tensor]) -> torch.Tensor:
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
-    log = run.log
+    log, started = run.log, time.time()
     base_dir = Path(args.base)
     pipeline = DiffPromptPipeline.from_pretrained(base_dir, steps=args.steps)
     learner, foundation, tokenizer = pipeline.learner, pipeline.foundation, pipeline.tokenizer
@@ -147,11 +147,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         pred = denoiser(schedule.add_noise(x0, noise, t).to(run.device), t.to(run.device), c["image_embed"],
                         c["text_embed"], c["image_tokens"], c["text_tokens"], c["text_mask"])
         loss = torch.nn.functional.mse_loss(pred, x0.to(run.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        ema.update(model.parameters())
+        optimizer_step(loss, optimizer, model, ema)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.log_every == 0:
@@ -172,7 +168,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         log.info(f"val R@1: base {learner.method} {base_r1:.4f}, with prompt diffusion ({args.solver}, "
                  f"{args.steps} steps) {pd_r1:.4f}")
         history.append({"step": args.train_steps, "val_R@1_base": base_r1, "val_R@1": pd_r1})
-        summary = {"base": str(base_dir), "method": learner.method, "seconds": time.time() - t0,
+        summary = {"base": str(base_dir), "method": learner.method, "seconds": time.time() - started,
                    "parameters": sum(p.numel() for p in model.parameters()), "history": history,
                    "run_dir": str(run.run_dir), "args": {k: str(v) for k, v in vars(args).items()}}
 

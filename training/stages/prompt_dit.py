@@ -34,7 +34,7 @@ from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT,
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
 from diffprompt.training.stages.runner import StageRunner, cache_dir, split_paths
 from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
-from diffprompt.training.utils.ema import EMA
+from diffprompt.training.utils.ema import EMA, optimizer_step
 from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
 # In a checkpoint-last, next to the training weights: the EMA averages, and the best EMA weights so far
@@ -198,11 +198,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         if dit.pointer:  # the pointer head's direct "which patch is referred" signal
             loss = loss + args.pointer_loss_weight * torch.nn.functional.cross_entropy(
                 pointer_logits.float(), pointer_targets[idx].to(run.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        ema.update(dit.parameters())
+        optimizer_step(loss, optimizer, dit, ema)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.log_every == 0:

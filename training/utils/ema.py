@@ -70,3 +70,13 @@ class EMA:
             for i, a in enumerate(self.averages):
                 a.copy_(tensors[f"average/{i}"])
         self.updates = updates
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: torch.nn.Module, ema: EMA,
+                   max_grad_norm: float = 1.0) -> None:
+    """One training step of a model kept with an EMA: backward, clip the gradient norm, step, update the EMA."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    ema.update(model.parameters())
