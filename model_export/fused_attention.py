@@ -8,7 +8,9 @@ Softmax output beside it; for OWLv2 B/16 at 960 px (N = 3601, 12 heads) 622 MB e
 batch item. onnxruntime's contrib operator MultiHeadAttention takes q, k, v as (B, N, D) and the
 head count as an attribute; its CPU kernel (float32, no mask, no attention bias, no past state)
 runs a flash-attention loop over blocks sized to the L2 cache and never stores the whole score
-matrix. docs/results.md ("Real-size numbers") measures both.
+matrix (where onnxruntime knows the L2 cache size; otherwise, or with the environment variable
+ORT_DISABLE_FLASH_ATTENTION=1, the kernel computes the full scores, as the plain graph does).
+docs/results.md ("Attention export: plain vs fused") measures both.
 
 `fused_attention(module)` is used only while exporting: inside it, every `Attention` of `module`
 called without an attention bias (the vision tower: the image tokens and its deep prompts) runs
