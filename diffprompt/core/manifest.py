@@ -124,6 +124,9 @@ class Manifest:
     # fusion: each box's logit + pointer_weight x the pointer's log-probability of its patch relative to
     # uniform (the condition encoder's last `maps` channel); 0 = the grounding logits alone
     pointer_weight: float = 0.0
+    # "fused": the foundation's vision attention is onnxruntime's com.microsoft::MultiHeadAttention
+    # (model_export/fused_attention.py), "plain": standard ONNX operators only
+    attention: str = "plain"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -137,7 +140,7 @@ class Manifest:
                      "clip_sample_range", "schedule", "kept_outputs", "prompt_depth", "prompt_length")
     _KNOWN = {"format_version", "name", "created", "versions", "method", "dtype", "image", "tokenizer",
               "ddim_steps", "graphs", "export_max_abs_diff", "files", "model_version", "no_match", "pointer_weight",
-              *_SAMPLER_KEYS}
+              "attention", *_SAMPLER_KEYS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_FILE) -> Manifest:
@@ -183,7 +186,8 @@ class Manifest:
                 files=dict(d["files"]), num_patches=d["image"].get("num_patches"), sampler=sampler,
                 created=d.get("created", ""), versions=dict(d.get("versions", {})), dtype=d.get("dtype", "float32"),
                 export_max_abs_diff=dict(d.get("export_max_abs_diff", {})), no_match=no_match,
-                pointer_weight=pointer_weight, extra={k: v for k, v in d.items() if k not in cls._KNOWN})
+                pointer_weight=pointer_weight, attention=str(d.get("attention", "plain")),
+                extra={k: v for k, v in d.items() if k not in cls._KNOWN})
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError) as e:
@@ -214,6 +218,8 @@ class Manifest:
             })
         if self.pointer_weight:
             d["pointer_weight"] = self.pointer_weight
+        if self.attention != "plain":
+            d["attention"] = self.attention
         if self.no_match is not None:
             d["no_match"] = self.no_match.to_dict()
         d["files"] = self.files
