@@ -38,6 +38,7 @@ from diffprompt.core.no_match import NoMatchCalibration
 from diffprompt.core.prompt_solver import PromptSampler
 from diffprompt.core.tokenizer import TOKENIZER_FILE
 from diffprompt.model_export.float16 import PRECISIONS, to_float16
+from diffprompt.model_export.fused_attention import DEFAULT_ATTENTION, check_attention_mode
 from diffprompt.model_export.graphs import (
     ConditionEncoder,
     Denoiser,
@@ -119,14 +120,17 @@ def example_inputs(pipeline: DiffPromptPipeline, batch: int = 2):
 
 def export_pipeline(pipeline: DiffPromptPipeline, out: Path, steps: int | None, name: str,
                     progress: bool = True, precision: str = "fp32",
-                    no_match: NoMatchCalibration | None = None) -> Path:
+                    no_match: NoMatchCalibration | None = None, attention: str = DEFAULT_ATTENTION) -> Path:
     """Write one artifact directory; returns its path. precision "fp16": graphs for GPU providers
-    (model_export/float16.py). `no_match` (a calibration for this step count) goes into the manifest as it is."""
+    (model_export/float16.py). `no_match` (a calibration for this step count) goes into the manifest as it is.
+    attention "fused": the foundation's vision attention as onnxruntime's MultiHeadAttention operator,
+    "plain": MatMul + Softmax (model_export/fused_attention.py)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    check_attention_mode(attention)
     tmp = staging_dir(out)
     try:
-        _write_artifact(tmp, pipeline, steps, name, progress, precision, no_match)
+        _write_artifact(tmp, pipeline, steps, name, progress, precision, no_match, attention)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,7 +174,8 @@ def derive_steps(source: Path, pipeline: DiffPromptPipeline, out: Path, steps: i
 
 
 def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, name: str,
-                    progress: bool, precision: str = "fp32", no_match: NoMatchCalibration | None = None) -> None:
+                    progress: bool, precision: str = "fp32", no_match: NoMatchCalibration | None = None,
+                    attention: str = DEFAULT_ATTENTION) -> None:
     """The artifact's files under `tmp`: graphs, tokenizer, manifest."""
     foundation, learner = pipeline.foundation.eval(), pipeline.learner
     pixels, ids, mask = example_inputs(pipeline)
@@ -221,7 +226,7 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
 
     for gname, module, example, inputs, outputs in tqdm(jobs, desc=f"export {name}", disable=not progress):
         path = tmp / f"{gname}.onnx"
-        export_onnx(module, example, path, inputs, outputs)
+        export_onnx(module, example, path, inputs, outputs, attention=attention)
         if precision == "fp16":
             to_float16(path)
         with torch.no_grad():
@@ -262,5 +267,6 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
         export_max_abs_diff=diffs, dtype=PRECISIONS[precision], no_match=no_match,
         pointer_weight=pipeline.pointer_weight if diffprompt else 0.0, prompt_sampler=prompt_sampler,
+        attention=attention,
     )
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))

@@ -3,6 +3,7 @@
     diffprompt export --pipeline checkpoints/diffprompt --steps 25 5 --out artifacts
     # -> artifacts/diffprompt-25steps/, artifacts/diffprompt-5steps/
     diffprompt export ... --triton triton_repo   # + triton_repo/diffprompt-25steps/ (Triton model repository)
+    diffprompt export ... --attention plain      # standard ONNX attention (default fused: onnxruntime's operator)
 
 Each directory is one deployable model with one fixed DDIM step count (the directories of one
 command share their graph files as hard links: only manifest.json differs): the four graphs of
@@ -57,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
                                   + (f" --ddim-steps {steps}" if steps else "") + " --overwrite")
         if first is None:
             first = export_pipeline(pipeline, out, steps, name, progress=args.progress, precision=args.precision,
-                                    no_match=no_match)
+                                    no_match=no_match, attention=args.attention)
         else:  # the graphs do not depend on the step count: share the first artifact's files
             derive_steps(first, pipeline, out, steps, no_match=no_match)
         manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -86,6 +87,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="fp16: float16 weights and compute (float32 inputs / outputs), for CUDA / TensorRT only")
+    # the modes and default of model_export/fused_attention.py (which imports torch: --help must not)
+    p.add_argument("--attention", choices=["fused", "plain"], default="fused",
+                   help="fused: the foundation's vision attention as onnxruntime's com.microsoft::MultiHeadAttention "
+                        "(CPU: ~1/10 of the peak memory, model_export/fused_attention.py); plain: standard ONNX "
+                        "operators only, for runtimes other than onnxruntime")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p

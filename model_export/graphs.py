@@ -33,6 +33,12 @@ import warnings
 import torch
 from torch import nn
 
+from diffprompt.model_export.fused_attention import (
+    CONTRIB_OPSET,
+    DEFAULT_ATTENTION,
+    check_attention_mode,
+    fused_attention,
+)
 from diffprompt.training.models.diffprompt import foundation_conditions
 from diffprompt.training.models.grounding import GroundingModel
 from diffprompt.training.models.mask_vae import decode_latents
@@ -141,13 +147,18 @@ class Grounding(nn.Module):
 
 
 def export_onnx(module: nn.Module, args: tuple, path, input_names: list[str], output_names: list[str],
-                opset: int = 17) -> None:
-    """TorchScript-based export with a dynamic batch axis on every input and output."""
+                opset: int = 17, attention: str = DEFAULT_ATTENTION) -> None:
+    """TorchScript-based export with a dynamic batch axis on every input and output.
+
+    attention "fused": the foundation's unmasked attention as com.microsoft::MultiHeadAttention,
+    "plain": MatMul + Softmax (model_export/fused_attention.py)."""
+    fused = check_attention_mode(attention) == "fused"
     dynamic = {name: {0: "batch"} for name in [*input_names, *output_names]}
     module.eval()
     # The tracer warns about Python branches on shapes; here they depend only on fixed sizes
     # (prompt depth/length, grid), never on the batch, which the parity tests vary.
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), fused_attention(module, fused):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True,
+                          custom_opsets=CONTRIB_OPSET if fused else None)

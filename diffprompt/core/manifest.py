@@ -127,6 +127,9 @@ class Manifest:
     pointer_weight: float = 0.0
     # Prompt Diffusion artifacts: the solver loop over the prompt_denoiser graph (diffprompt.core.prompt_solver)
     prompt_sampler: PromptSampler | None = None
+    # "fused": the foundation's vision attention is onnxruntime's com.microsoft::MultiHeadAttention
+    # (model_export/fused_attention.py), "plain": standard ONNX operators only
+    attention: str = "plain"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -140,7 +143,7 @@ class Manifest:
                      "clip_sample_range", "schedule", "kept_outputs", "prompt_depth", "prompt_length")
     _KNOWN = {"format_version", "name", "created", "versions", "method", "dtype", "image", "tokenizer",
               "ddim_steps", "graphs", "export_max_abs_diff", "files", "model_version", "no_match", "pointer_weight",
-              "prompt_sampler", *_SAMPLER_KEYS}
+              "prompt_sampler", "attention", *_SAMPLER_KEYS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_FILE) -> Manifest:
@@ -196,6 +199,7 @@ class Manifest:
                 created=d.get("created", ""), versions=dict(d.get("versions", {})), dtype=d.get("dtype", "float32"),
                 export_max_abs_diff=dict(d.get("export_max_abs_diff", {})), no_match=no_match,
                 pointer_weight=pointer_weight, prompt_sampler=prompt_sampler,
+                attention=str(d.get("attention", "plain")),
                 extra={k: v for k, v in d.items() if k not in cls._KNOWN})
         except ArtifactError:
             raise
@@ -233,6 +237,8 @@ class Manifest:
                                                      "alpha_prod_prev": r.alpha_prod_prev} for r in ps.ddim]}
         if self.pointer_weight:
             d["pointer_weight"] = self.pointer_weight
+        if self.attention != "plain":
+            d["attention"] = self.attention
         if self.no_match is not None:
             d["no_match"] = self.no_match.to_dict()
         d["files"] = self.files

@@ -35,6 +35,18 @@ def test_multipart_happy_path(server):
     assert body["expression"] == "the second square from the left"
 
 
+def test_the_default_export_serves_fused_attention(server, tiny_artifact):
+    """The shared server's artifact is exported with the default --attention fused: the vision tower's
+    attention is onnxruntime's com.microsoft::MultiHeadAttention, and the torch-free service runs it."""
+    from diffprompt.core.manifest import validate_artifact
+
+    assert validate_artifact(tiny_artifact, False).attention == "fused"
+    assert b"MultiHeadAttention" in (tiny_artifact / "grounding.onnx").read_bytes()
+    r = server.ground(sample_png(), "the red circle", seed=1)
+    assert r.status_code == 200, r.text
+    _check_response(r.json(), 128, 128)
+
+
 def test_json_body_matches_multipart(server):
     image = encode(rgb_image(160, 90, seed=3), "PNG")
     a = server.ground(image, "the blue star", seed=11, return_mask=True)
