@@ -20,6 +20,10 @@ Interpretation choices (the spec leaves these open):
   from all valid candidates of that kind, instead of the spec's "up to 2 per image, kinds in
   random order".  Category expressions are single-match queries only, and absolute ones use
   the groups "shape" and a shape name only (a subset of the spec's groups).
+* Placement differs from the current spec text in two details, kept so that earlier numbers
+  stay reproducible: centres are drawn in ``[d/2, 128 - d/2]`` (the spec: ``[d/2 + 1,
+  128 - d/2 - 1]``), and when an object finds no place in 200 tries the whole scene is
+  drawn again (the spec: redraw that object's attributes, or stop at 3 or more objects).
 * A **group** (relation targets, ordinals) is any of the spec's four forms: "shape" (every
   object), a shape ("circle"), a colour + shape ("red circle") or a colour, written with the
   noun "shape" ("red shape").
