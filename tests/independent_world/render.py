@@ -16,10 +16,31 @@ Interpretation choices (the spec leaves these open):
   empty pixel columns or two empty pixel rows lie between any two boxes.
 * Gaussian noise (sigma 6, independent per pixel and channel) is added to the
   background only; objects are painted in their flat, jittered colour.
+* Expressions per image: up to ``max_per_kind`` (default 2) of *each* kind, drawn at random
+  from all valid candidates of that kind, instead of the spec's "up to 2 per image, kinds in
+  random order".  Category expressions are single-match queries only, and absolute ones use
+  the groups "shape" and a shape name only (a subset of the spec's groups).
+* Placement differs from the current spec text in two details, kept so that earlier numbers
+  stay reproducible: centres are drawn in ``[d/2, 128 - d/2]`` (the spec: ``[d/2 + 1,
+  128 - d/2 - 1]``), and when an object finds no place in 200 tries the whole scene is
+  drawn again (the spec: redraw that object's attributes, or stop at 3 or more objects).
+* A **group** (relation targets, ordinals) is any of the spec's four forms: "shape" (every
+  object), a shape ("circle"), a colour + shape ("red circle") or a colour, written with the
+  noun "shape" ("red shape").
+* Relation ``the <group> <rel> the <description>``: the anchor description is the same
+  minimal unique description as the attribute kind's (same subset preference, below).  The
+  group must have at least 2 members other than the anchor, and exactly one of those members
+  may stand in the relation.  The relations are the spec's exact box tests with exclusive
+  ends (``x1_A <= x0_B`` for "left of", etc.), with no extra margin: the spec's "closer than
+  4 px is a tie" speaks of positions (box centres), not of these box comparisons.
+* Ordinal ``the {second,third} <group> from the {left,right,top,bottom}``: groups of at least
+  3 members, ordered by box centre from the named side; the n-th member must be at least
+  4 px (``ABSOLUTE_MARGIN``) from the member before it and, if there is one, the member after.
 
 Usage::
 
     python -m tests.independent_world.render OUT_DIR --n 50 --seed 0
+    python -m tests.independent_world.render OUT_DIR --n 300 --seed 12345 --kinds relation ordinal
 """
 
 from __future__ import annotations
@@ -65,6 +86,10 @@ ATTRIBUTE_SUBSETS = (
     ("size", "color", "shape"),
 )
 DIRECTIONS = ("leftmost", "rightmost", "topmost", "bottommost")
+RELATIONS = ("left of", "right of", "above", "below")
+ORDINALS = {"second": 1, "third": 2}  # word -> 0-based rank from the named side
+SIDES = ("left", "right", "top", "bottom")
+KINDS = ("category", "attribute", "absolute", "relation", "ordinal")
 
 
 # --------------------------------------------------------------------------- #
@@ -324,11 +349,97 @@ def absolute_candidates(objs: list[Obj]) -> list[Expression]:
     return out
 
 
+def group_candidates(objs: list[Obj]) -> list[tuple[str, list[int]]]:
+    """Every group phrase (description without size) that matches at least one object."""
+    out: list[tuple[str, list[int]]] = [("shape", list(range(len(objs))))]
+    for s in SHAPES:
+        out.append((s, _matching(objs, {"shape": s})))
+    for c in COLORS:
+        out.append((f"{c} shape", _matching(objs, {"color": c})))
+        for s in SHAPES:
+            out.append((f"{c} {s}", _matching(objs, {"color": c, "shape": s})))
+    return [(phrase, members) for phrase, members in out if members]
+
+
+def exclusive_box(o: Obj) -> tuple[int, int, int, int]:
+    """The spec's box: (x0, y0, x1, y1) with x1, y1 exclusive."""
+    x0, y0, x1, y1 = o.box
+    return x0, y0, x1 + 1, y1 + 1
+
+
+def in_relation(a: Obj, rel: str, b: Obj) -> bool:
+    """'a <rel> b' by the spec's box tests (exclusive ends)."""
+    ax0, ay0, ax1, ay1 = exclusive_box(a)
+    bx0, by0, bx1, by1 = exclusive_box(b)
+    if rel == "left of":
+        return ax1 <= bx0
+    if rel == "right of":
+        return ax0 >= bx1
+    if rel == "above":
+        return ay1 <= by0
+    if rel == "below":
+        return ay0 >= by1
+    raise ValueError(f"unknown relation {rel!r}")
+
+
+def relation_candidates(objs: list[Obj]) -> list[Expression]:
+    """'the <group> <rel> the <anchor>': exactly one group member stands in the relation."""
+    groups = group_candidates(objs)
+    out = []
+    for anchor in range(len(objs)):
+        attrs = minimal_attributes(objs, anchor)
+        if attrs is None:
+            continue
+        anchor_phrase = attribute_phrase(attrs)
+        for phrase, members in groups:
+            others = [i for i in members if i != anchor]
+            if len(others) < 2:
+                continue
+            for rel in RELATIONS:
+                hits = [i for i in others if in_relation(objs[i], rel, objs[anchor])]
+                if len(hits) == 1:
+                    out.append(Expression(f"the {phrase} {rel} {anchor_phrase}", "relation", hits))
+    return out
+
+
+def side_order(objs: list[Obj], members: list[int], side: str) -> list[tuple[int, float]]:
+    """(index, distance key) of the members, nearest to ``side`` first, by box centre."""
+    axis = 0 if side in ("left", "right") else 1
+    sign = 1.0 if side in ("left", "top") else -1.0
+    keyed = [(i, sign * objs[i].center[axis]) for i in members]
+    return sorted(keyed, key=lambda t: t[1])
+
+
+def ordinal_candidates(objs: list[Obj]) -> list[Expression]:
+    """'the {second,third} <group> from the <side>' for groups of >= 3 members."""
+    out = []
+    for phrase, members in group_candidates(objs):
+        if len(members) < 3:
+            continue
+        for side in SIDES:
+            order = side_order(objs, members, side)
+            for word, n in ORDINALS.items():
+                if n >= len(order):
+                    continue
+                pos = order[n][1]
+                if pos - order[n - 1][1] < ABSOLUTE_MARGIN:
+                    continue
+                if n + 1 < len(order) and order[n + 1][1] - pos < ABSOLUTE_MARGIN:
+                    continue
+                out.append(Expression(f"the {word} {phrase} from the {side}", "ordinal",
+                                      [order[n][0]]))
+    return out
+
+
 def make_expressions(scene: Scene, rng: np.random.Generator, max_per_kind: int = 2) -> list[Expression]:
     """A few expressions per kind, sampled deterministically from all valid candidates."""
     out: list[Expression] = []
-    for cands in (category_candidates(scene.objects), attribute_candidates(scene.objects),
-                  absolute_candidates(scene.objects)):
+    objs = scene.objects
+    # Kinds are sampled in this fixed order; relation and ordinal come last, so adding them
+    # left the category/attribute/absolute expressions of every (seed, image) unchanged.
+    for cands in (category_candidates(objs), attribute_candidates(objs),
+                  absolute_candidates(objs), relation_candidates(objs),
+                  ordinal_candidates(objs)):
         if len(cands) > max_per_kind:
             pick = sorted(rng.choice(len(cands), size=max_per_kind, replace=False).tolist())
             cands = [cands[i] for i in pick]
@@ -356,15 +467,23 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def write_dataset(out_dir: Path, n_images: int, seed: int, max_per_kind: int = 2) -> Path:
-    """Render ``n_images`` PNGs plus an MDETR-style COCO json into ``out_dir``."""
+def write_dataset(out_dir: Path, n_images: int, seed: int, max_per_kind: int = 2,
+                  kinds: tuple[str, ...] = KINDS) -> Path:
+    """Render ``n_images`` PNGs plus an MDETR-style COCO json into ``out_dir``.
+
+    ``kinds`` only filters what is written: the expressions of a kind are the same whichever
+    other kinds are asked for.
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown expression kinds {sorted(unknown)}; valid: {', '.join(KINDS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for idx, (scene, exprs) in enumerate(generate(n_images, seed, max_per_kind)):
         file_name = f"indep_{seed}_{idx:05d}.png"
         Image.fromarray(scene.image, mode="RGB").save(out_dir / file_name)
-        for expr in exprs:
+        for expr in (e for e in exprs if e.kind in kinds):
             entry_id = len(images) + 1
             images.append({
                 "id": entry_id,
@@ -403,8 +522,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-per-kind", type=int, default=2)
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="expression kinds to write (default: all five)")
     args = ap.parse_args(argv)
-    print(write_dataset(args.out_dir, args.n, args.seed, args.max_per_kind))
+    print(write_dataset(args.out_dir, args.n, args.seed, args.max_per_kind, tuple(args.kinds)))
 
 
 if __name__ == "__main__":

@@ -195,7 +195,62 @@ def _resolve(caption: str, kind: str, objs) -> list[int]:
         order = sorted(group, key=key)
         assert key(order[1]) - key(order[0]) >= R.ABSOLUTE_MARGIN
         return [order[0]]
+    if kind == "relation":
+        # the <group> <rel> the [size] [colour] noun ; rel is "left of", "right of", "above", "below"
+        rel_at = next(k for k, w in enumerate(words) if w in ("left", "right", "above", "below"))
+        rel = " ".join(words[rel_at:rel_at + 2]) if words[rel_at] in ("left", "right") \
+            else words[rel_at]
+        group_words = words[1:rel_at]
+        anchor_words = words[rel_at + len(rel.split()):]
+        anchors = _resolve(" ".join(anchor_words), "attribute", objs)
+        assert len(anchors) == 1, caption
+        (a,) = anchors
+        members = [i for i in _group(group_words, objs) if i != a]
+        assert len(members) >= 2, caption
+        ax0, ay0, ax1, ay1 = _excl(objs[a])
+
+        def holds(i):
+            x0, y0, x1, y1 = _excl(objs[i])
+            return {"left of": x1 <= ax0, "right of": x0 >= ax1,
+                    "above": y1 <= ay0, "below": y0 >= ay1}[rel]
+        return [i for i in members if holds(i)]
+    if kind == "ordinal":
+        # the {second,third} <group> from the {left,right,top,bottom}
+        assert words[-3:-1] == ["from", "the"]
+        n = {"second": 2, "third": 3}[words[1]]
+        side = words[-1]
+        members = _group(words[2:-3], objs)
+        assert len(members) >= 3, caption
+        axis = 0 if side in ("left", "right") else 1
+        pos = {i: (_excl(objs[i])[axis] + _excl(objs[i])[axis + 2]) / 2 for i in members}
+        # count, for each member, how many are clearly (>= 4 px) nearer to the side; with ties
+        # under 4 px the n-th must be clear of everything on both sides.
+        sign = 1 if side in ("left", "top") else -1
+        hits = []
+        for i in members:
+            nearer = [j for j in members if j != i and sign * (pos[i] - pos[j]) >= R.ABSOLUTE_MARGIN]
+            tied = [j for j in members if j != i and abs(pos[i] - pos[j]) < R.ABSOLUTE_MARGIN]
+            if len(nearer) == n - 1 and not tied:
+                hits.append(i)
+        return hits
     raise AssertionError(kind)
+
+
+def _excl(o) -> tuple[int, int, int, int]:
+    """Exclusive-end box from the object's mask (independent of render.exclusive_box)."""
+    ys, xs = np.nonzero(o.mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _group(words: list[str], objs) -> list[int]:
+    """Members of a group: 'shape', '<shape>', '<colour> <shape>' or '<colour> shape'."""
+    assert words and words[-1] in (*R.SHAPES, "shape") and len(words) <= 2
+    colour = words[0] if len(words) == 2 else None
+    if colour is not None:
+        assert colour in R.COLORS
+    noun = words[-1]
+    return [i for i, o in enumerate(objs)
+            if (colour is None or o.color == colour) and (noun == "shape" or o.shape == noun)]
 
 
 def test_expressions_refer_to_exactly_one_object(generated):
@@ -209,7 +264,7 @@ def test_expressions_refer_to_exactly_one_object(generated):
             assert e.caption == e.caption.lower()
             hits = _resolve(e.caption, e.kind, scene.objects)
             assert hits == e.targets and len(hits) == 1, e.caption
-    assert kinds == {"category", "attribute", "absolute"}
+    assert kinds == set(R.KINDS)
 
 
 def test_attribute_uses_fewest_attributes(generated):
@@ -227,6 +282,95 @@ def test_attribute_uses_fewest_attributes(generated):
                     assert n > 1, (e.caption, subset)
 
 
+def _attribute_words_minimal(words: list[str], t: int, objs) -> None:
+    used = len(words) - (words[-1] == "shape")
+    for k in range(used):
+        for subset in itertools.combinations(("shape", "color", "size"), k):
+            n = sum(all(o.attr(a) == objs[t].attr(a) for a in subset) for o in objs)
+            assert n > 1, (words, subset)
+
+
+def test_relation_anchor_is_minimal_and_group_ambiguous(generated):
+    n_rel = 0
+    for scene, exprs in generated:
+        objs = scene.objects
+        for e in exprs:
+            if e.kind != "relation":
+                continue
+            n_rel += 1
+            words = e.caption.split()
+            at = max(k for k, w in enumerate(words) if w == "the")
+            anchor_words = words[at + 1:]
+            (a,) = _resolve("the " + " ".join(anchor_words), "attribute", objs)
+            assert a not in e.targets
+            _attribute_words_minimal(anchor_words, a, objs)
+            # the group alone does not single out the target
+            rel_at = next(k for k, w in enumerate(words) if w in ("left", "right", "above", "below"))
+            assert len([i for i in _group(words[1:rel_at], objs) if i != a]) >= 2
+    assert n_rel >= N_SCENES  # about two per scene
+
+
+def test_ordinal_gaps(generated):
+    n_ord = 0
+    for scene, exprs in generated:
+        objs = scene.objects
+        for e in exprs:
+            if e.kind != "ordinal":
+                continue
+            n_ord += 1
+            words = e.caption.split()
+            assert words[1] in ("second", "third") and words[-1] in ("left", "right", "top", "bottom")
+            members = _group(words[2:-3], objs)
+            axis = 0 if words[-1] in ("left", "right") else 1
+            sign = 1 if words[-1] in ("left", "top") else -1
+            order = sorted(members, key=lambda i: sign * objs[i].center[axis])
+            n = {"second": 1, "third": 2}[words[1]]
+            assert order[n] == e.targets[0]
+            for j in (n - 1, n + 1):
+                if 0 <= j < len(order):
+                    gap = abs(objs[order[n]].center[axis] - objs[order[j]].center[axis])
+                    assert gap >= R.ABSOLUTE_MARGIN, e.caption
+    assert n_ord >= N_SCENES
+
+
+def test_relations_and_ordinals_by_hand():
+    """A fixed scene: four circles on a diagonal and one red square far right."""
+    def obj(shape, color, size, cx, cy, d):
+        m = R.shape_mask(shape, cx, cy, d)
+        return R.Obj(shape, color, size, d, cx, cy, R.COLORS[color], m, R.tight_box(m))
+
+    objs = [obj("circle", "blue", "small", 15, 15, 16), obj("circle", "blue", "small", 40, 40, 16),
+            obj("circle", "green", "small", 65, 65, 16), obj("circle", "blue", "small", 90, 20, 16),
+            obj("square", "red", "large", 112, 100, 30)]
+    rel = {e.caption: e.targets for e in R.relation_candidates(objs)}
+    # anchor "the green shape" (minimal: colour alone); blue circles: 0 and 1 are left of it
+    assert "the blue circle left of the green shape" not in rel
+    assert rel["the blue circle right of the green shape"] == [3]
+    assert "the circle below the green shape" not in rel  # no circle is below it
+    assert "the blue circle above the green shape" not in rel  # all three are
+    assert rel["the shape below the green shape"] == [4]
+    ords = {e.caption: e.targets for e in R.ordinal_candidates(objs)}
+    assert ords["the second circle from the left"] == [1]
+    assert ords["the third circle from the left"] == [2]
+    assert ords["the second blue shape from the right"] == [1]
+    assert ords["the second shape from the bottom"] == [2]
+    assert "the second green shape from the left" not in ords  # group of one
+    for caption, targets in {**rel, **ords}.items():
+        kind = "relation" if caption in rel else "ordinal"
+        assert _resolve(caption, kind, objs) == targets
+
+
+def test_kinds_filter(tmp_path):
+    full = json.loads(R.write_dataset(tmp_path / "all", 5, seed=9).read_text())
+    part = json.loads(R.write_dataset(tmp_path / "ro", 5, seed=9,
+                                      kinds=("relation", "ordinal")).read_text())
+    keep = [(im["original_id"], im["caption"], im["expression_kind"]) for im in full["images"]
+            if im["expression_kind"] in ("relation", "ordinal")]
+    assert keep == [(im["original_id"], im["caption"], im["expression_kind"]) for im in part["images"]]
+    with pytest.raises(ValueError, match="unknown expression kinds"):
+        R.write_dataset(tmp_path / "bad", 1, seed=9, kinds=("spatial",))
+
+
 # ---------------------------------------------------------------------- json
 
 
@@ -240,7 +384,7 @@ def test_json_is_valid_coco(dataset):
     assert len({a["id"] for a in data["annotations"]}) == len(data["annotations"])
     for im in data["images"]:
         assert im["height"] == im["width"] == 128
-        assert im["expression_kind"] in ("category", "attribute", "absolute")
+        assert im["expression_kind"] in R.KINDS
         assert isinstance(im["caption"], str) and im["caption"]
         path = dataset.parent / im["file_name"]
         assert path.name == im["file_name"] and path.exists()
