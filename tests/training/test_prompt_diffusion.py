@@ -4,6 +4,7 @@ pipeline that evaluate reads, and the overfitted targets are cached."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,29 +59,42 @@ def test_the_model_packs_offsets_and_starts_at_the_base_prompts():
     assert out.shape == x0.shape and torch.count_nonzero(out) == 0  # adaLN-Zero: the offset 0, i.e. the base
 
 
-def test_the_stage_writes_a_pipeline_that_evaluate_reads_and_reuses_its_targets(coop, small_world, tmp_path):
-    root = coop
-    common = ["--base", str(root / "coop"), "--train-steps", "3", "--batch-size", "8", "--overfit-steps", "2",
-              "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
-              "--data-dir", str(small_world), "--cache-dir", str(tmp_path / "cache"), "--run-root",
-              str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
-    summary = train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
-        [*common, "--output", str(tmp_path / "coop_pd")]))
-    assert 0.0 <= summary["history"][-1]["val_R@1"] <= 1.0
-    spec = json.loads((tmp_path / "coop_pd" / PIPELINE_FILE).read_text())
+@pytest.fixture(scope="module")
+def coop_pd(coop, small_world, tmp_path_factory):
+    """(a Prompt Diffusion pipeline on the tiny CoOp learner, 3 DiT steps; the stage's arguments)."""
+    out = tmp_path_factory.mktemp("pd_pipeline") / "coop_pd"
+    argv = ["--base", str(coop / "coop"), "--train-steps", "3", "--batch-size", "8", "--overfit-steps", "2",
+            "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
+            "--data-dir", str(small_world), "--cache-dir", str(out.parent / "cache"), "--run-root",
+            str(out.parent / "runs"), "--threads", "1", "--no-progress"]
+    train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args([*argv, "--output", str(out)]))
+    with torch.no_grad():  # a DiT trained 3 steps predicts offsets near 0: make them matter for the parity checks
+        model = PromptDiffusion.from_pretrained(out / "prompt_diffusion")
+        for linear in model.out.values():
+            linear.weight.normal_(0, 0.05)
+        model.final_modulation[-1].weight.normal_(0, 0.05)
+        model.save_pretrained(out / "prompt_diffusion")
+    return out, argv
+
+
+def test_the_stage_writes_a_pipeline_that_evaluate_reads_and_reuses_its_targets(coop_pd, small_world, tmp_path):
+    pipeline_dir, argv = coop_pd
+    summary = json.loads((pipeline_dir / "training_summary.json").read_text())
+    assert 0.0 <= summary["history"][-1]["val_R@1"] <= 1.0 and summary["method"] == "coop"
+    spec = json.loads((pipeline_dir / PIPELINE_FILE).read_text())
     assert spec["prompt_diffusion"] == "prompt_diffusion" and spec["prompt_diffusion_solver"] == "dpm"
-    pipe = DiffPromptPipeline.from_pretrained(tmp_path / "coop_pd", steps=2)
+    pipe = DiffPromptPipeline.from_pretrained(pipeline_dir, steps=2)
     assert pipe.prompt_diffusion.config.offset_scale > 0
     assert torch.equal(pipe.prompt_diffusion.base_prompts()["text_prompts"], pipe.learner.text_prompts)
-    targets = list((tmp_path / "cache").glob("prompt-targets-*"))
+    targets = list((pipeline_dir.parent / "cache").glob("prompt-targets-*"))
     assert len(targets) == 1
     mtime = max(p.stat().st_mtime_ns for p in targets[0].iterdir())
     train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
-        [*common, "--output", str(tmp_path / "again")]))
+        [*argv, "--output", str(tmp_path / "again")]))
     assert max(p.stat().st_mtime_ns for p in targets[0].iterdir()) == mtime  # reused, not recomputed
     out = tmp_path / "eval.json"
     assert evaluate.main(evaluate.build_parser().parse_args(
-        ["--checkpoint", str(tmp_path / "coop_pd"), "--split", "val", "--data-dir", str(small_world),
+        ["--checkpoint", str(pipeline_dir), "--split", "val", "--data-dir", str(small_world),
          "--ddim-steps", "2", "--out", str(out), "--no-progress", "--threads", "1"])) == 0
     assert json.loads(out.read_text())["results"]["val"][-1]["group"] == "all"
 
@@ -100,28 +114,12 @@ def test_a_learner_without_prompts_is_refused_in_one_line(coop, small_world, tmp
     assert not (tmp_path / "never").exists()
 
 
-@pytest.fixture(scope="module")
-def coop_pd(coop, small_world, tmp_path_factory):
-    """A Prompt Diffusion pipeline on the tiny CoOp learner (3 DiT steps)."""
-    out = tmp_path_factory.mktemp("pd_pipeline") / "coop_pd"
-    train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
-        ["--base", str(coop / "coop"), "--train-steps", "3", "--batch-size", "8", "--overfit-steps", "2",
-         "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
-         "--data-dir", str(small_world), "--cache-dir", str(out.parent / "cache"), "--run-root",
-         str(out.parent / "runs"), "--output", str(out), "--threads", "1", "--no-progress"]))
-    with torch.no_grad():  # a DiT trained 3 steps predicts offsets near 0: make them matter for the parity check
-        model = PromptDiffusion.from_pretrained(out / "prompt_diffusion")
-        for linear in model.out.values():
-            linear.weight.normal_(0, 0.05)
-        model.final_modulation[-1].weight.normal_(0, 0.05)
-        model.save_pretrained(out / "prompt_diffusion")
-    return out
-
-
 @pytest.mark.parametrize("solver", ["dpm", "ddim"])
 def test_the_exported_artifact_answers_as_pytorch_does(coop_pd, small_world, tmp_path, solver):
     """`diffprompt export` of a Prompt Diffusion pipeline at 5 and 3 steps (graphs shared), then the
     torch-free runtime on val images against the PyTorch pipeline, same seeds."""
+    import shutil
+
     import numpy as np
     from PIL import Image
 
@@ -129,6 +127,7 @@ def test_the_exported_artifact_answers_as_pytorch_does(coop_pd, small_world, tmp
     from diffprompt.core.runtime import GroundingRuntime
     from diffprompt.training.data.mdetr import load_split
 
+    coop_pd = Path(shutil.copytree(coop_pd[0], tmp_path / "coop_pd"))  # with this test's solver
     spec = json.loads((coop_pd / PIPELINE_FILE).read_text())
     spec["prompt_diffusion_solver"] = solver
     (coop_pd / PIPELINE_FILE).write_text(json.dumps(spec))
@@ -153,11 +152,10 @@ def test_the_exported_artifact_answers_as_pytorch_does(coop_pd, small_world, tmp
         base.prompt_diffusion = None  # the base learner alone answers otherwise: the generated prompts matter
         base_scores = base.score(pixels, ids.astype(np.int64), mask.astype(np.int64), seeds)[0]
         assert np.abs(base_scores - want_scores).max() > 1e-4
-    spec["prompt_diffusion_solver"] = "dpm"
-    (coop_pd / PIPELINE_FILE).write_text(json.dumps(spec))
 
 
 def test_the_real_server_serves_a_prompt_diffusion_artifact(coop_pd, tmp_path):
+    coop_pd = coop_pd[0]
     """`python -m diffprompt.service` on the exported artifact: a 200 with boxes, the same answer for the
     same seed, the request's seed deciding the generated prompts."""
     from diffprompt import cli
