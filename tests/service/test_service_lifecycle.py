@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -13,14 +14,36 @@ from service_testkit import ServerProcess, assert_error, metric, sample_png, wai
 pytestmark = pytest.mark.slow  # every test starts its own server
 
 
-def _fire(srv: ServerProcess, n: int) -> tuple[list[threading.Thread], list]:
-    """n concurrent ground requests in threads, each on its own connection; results land in the list."""
+def _fire(srv: ServerProcess, n: int, hold_s: float = 1.5) -> tuple[list[threading.Thread], list]:
+    """n concurrent ground requests in threads, each on its own connection; results land in the list.
+
+    Each request sends its headers and the first bytes of its multipart body at once and the rest
+    `hold_s` later, so all n are in flight together (the server counts a request from its headers
+    on) however the threads are scheduled: the batcher no longer holds a lone request back, so a
+    fast request would otherwise be answered before the others arrive."""
     results: list = [None] * n
+    boundary = "diffprompt-test-boundary"
+
+    def body(i: int) -> bytes:
+        fields = [("expression", b"the blue star"), ("seed", str(i).encode())]
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v + b"\r\n"
+                 for k, v in fields]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
+                     "Content-Type: image/png\r\n\r\n".encode() + sample_png() + b"\r\n")
+        return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
     def run(i: int) -> None:
+        data = body(i)
+
+        def slowly():
+            yield data[:64]
+            time.sleep(hold_s)
+            yield data[64:]
+
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             try:
-                results[i] = srv.ground(sample_png(), "the blue star", client=client, seed=i)
+                results[i] = client.post("/v1/ground", content=slowly(),
+                                         headers={"content-type": f"multipart/form-data; boundary={boundary}"})
             except httpx.HTTPError as e:
                 results[i] = e
 
@@ -54,9 +77,10 @@ def _status(srv: ServerProcess, path: str) -> int | None:
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(start_server):
-    """SIGTERM while 6 requests wait in a 1.5 s batch window: all 6 answer 200, the process exits 0, no torch."""
+    """SIGTERM while 6 requests are in flight (their uploads still arriving): all 6 answer 200, the
+    process exits 0, no torch."""
     srv = start_server(max_batch_size=16, max_wait_ms=1500)
-    threads, results = _fire(srv, 6)
+    threads, results = _fire(srv, 6, hold_s=3)
     wait_until(lambda: metric(srv.metrics(), "diffprompt_requests_in_flight") == 6, what="6 requests in flight")
     srv.signal(signal.SIGTERM)
     for t in threads:
@@ -72,7 +96,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(start_server):
 def test_sigterm_drain_flips_readiness_but_keeps_serving(start_server):
     """With shutdown_drain_s, readiness is 503 `shutting_down` at once while requests are still answered."""
     srv = start_server(max_batch_size=16, max_wait_ms=1000, shutdown_drain_s=3)
-    threads, results = _fire(srv, 3)
+    threads, results = _fire(srv, 3, hold_s=2)
     wait_until(lambda: metric(srv.metrics(), "diffprompt_requests_in_flight") == 3, what="3 requests in flight")
     srv.signal(signal.SIGTERM)
     wait_until(lambda: _status(srv, "/readyz") == 503, what="readiness to flip")
