@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffprompt.training.data.synthetic.backgrounds import BACKGROUND_GRAY
 from diffprompt.training.data.synthetic.expressions import GENERATORS, category_queries
 from diffprompt.training.data.synthetic.language import Category, Relation, evaluate, kind_of, parse, to_text
 from diffprompt.training.data.synthetic.splits import SPLITS, generate_image
 from diffprompt.training.data.synthetic.world import (
-    BACKGROUND_GRAY,
     CANVAS,
     COLORS,
     MIN_GAP,
