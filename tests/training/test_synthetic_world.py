@@ -165,6 +165,16 @@ def test_adding_absent_splits_changed_no_other_split():
     assert {name: _digest(SPLITS[name]) for name in DIGESTS_BEFORE_ABSENT_SPLITS} == DIGESTS_BEFORE_ABSENT_SPLITS
 
 
+# The same digests of the absent-object splits, computed on the code before the distribution-shift
+# splits (and their SceneSpec, backgrounds.py) were added: adding them must not change any split.
+DIGESTS_BEFORE_SHIFT_SPLITS = {**DIGESTS_BEFORE_ABSENT_SPLITS, "train_absent": "ef761f8f0dd7259c",
+                               "val_absent": "87aaaa59a7cceb49", "test_absent": "f4e0a99572a223c2"}
+
+
+def test_adding_shift_splits_changed_no_other_split():
+    assert {name: _digest(SPLITS[name]) for name in DIGESTS_BEFORE_SHIFT_SPLITS} == DIGESTS_BEFORE_SHIFT_SPLITS
+
+
 @pytest.mark.parametrize("name", ["val_absent", "test_absent", "train_absent"])
 def test_absent_splits_place_their_mirrors_expressions_where_nothing_fits(name):
     from diffprompt.training.data.synthetic.expressions import can_be_absent
