@@ -37,7 +37,7 @@ def test_the_shift_splits_are_the_declared_ones_and_only_they_are_shifted():
 @pytest.mark.parametrize("name", SHIFT_SPLITS)
 def test_a_shift_split_is_deterministic_and_its_expressions_mean_what_they_say(name):
     kinds = set()
-    for item in _images(name):
+    for item in _images(name, 12):
         again = generate_image(SPLITS[name], item.index)
         assert np.array_equal(again.scene.image, item.scene.image) and again.expressions == item.expressions
         for expr, targets in item.expressions:
