@@ -290,7 +290,7 @@ def shift_table(table: dict, shown: list[tuple[str, str]]) -> list[str]:
     columns = [*SPLITS, *shifts]
     lines = ["", "### Under distribution shift (R@1)", "",
              "The same rows, on test splits whose scenes differ from the train split's in one way each "
-             "(docs/design.md, 'Splits'). Reported only: every choice above was made on val.", "",
+             "(docs/design.md, 'Distribution-shift splits'). Reported only: every choice above was made on val.", "",
              "| Method | DDIM steps | " + " | ".join(columns) + " | mean(shift) |",
              "|---|---|" + "---|" * (len(columns) + 1)]
     for row, steps in shown:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffprompt.training.data.synthetic.backgrounds import draw_background
+from diffprompt.training.data.synthetic.backgrounds import BACKGROUNDS, draw_background
 
 CANVAS = 128
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
@@ -46,6 +46,12 @@ class SceneSpec:
     large: tuple[float, float] = SIZES["large"]
     n_objects: tuple[int, int] = N_OBJECTS  # both ends included; never fewer than the first
     background: str = "gray"  # a name of backgrounds.BACKGROUNDS
+
+    def __post_init__(self) -> None:
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; expected one of {sorted(BACKGROUNDS)}")
+        if not 1 <= self.n_objects[0] <= self.n_objects[1]:
+            raise ValueError(f"n_objects must be (min, max) with 1 <= min <= max, got {self.n_objects}")
 
     def diameters(self, size: str) -> tuple[float, float]:
         return self.small if size == "small" else self.large
