@@ -107,3 +107,12 @@ def test_evaluate_scores_a_tiny_shift_split(small_world, tmp_path, capsys):
         rows = {r["group"]: r for r in data["results"][name]}
         assert rows["all"]["n"] == len(load_mdetr(small_world / f"{name}.json")) > 0
         assert 0.0 <= rows["all"]["R@1"] <= rows["all"]["R@5"] <= rows["all"]["UB"] <= 1.0
+
+
+def test_a_scene_spec_with_an_unknown_background_or_count_is_a_clear_error():
+    from diffprompt.training.data.synthetic.world import SceneSpec
+
+    with pytest.raises(ValueError, match="unknown background 'plaid'"):
+        SceneSpec(background="plaid")
+    with pytest.raises(ValueError, match="n_objects"):
+        SceneSpec(n_objects=(5, 3))
