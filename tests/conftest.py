@@ -40,7 +40,8 @@ def small_world(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("world")
     for name, n in [("pretrain", 24), ("heldout", 12), ("train", 16), ("val", 8), ("testA", 8), ("testB", 8),
-                    ("train_absent", 16), ("val_absent", 8), ("test_absent", 8)]:
+                    ("train_absent", 16), ("val_absent", 8), ("test_absent", 8),
+                    ("shift_background", 4), ("shift_size", 4), ("shift_crowded", 4)]:
         write_split(SPLITS[name], out, n_images=n, progress=False)
     return out
 

@@ -4,7 +4,8 @@
     diffprompt results --from-scratch        # trains the Mask-VAE and both DiTs first
     diffprompt results --jobs 2 --threads 1  # two training jobs side by side
 
-Every job (train one method with one seed, then evaluate it on val / testA / testB) writes
+Every job (train one method with one seed, then evaluate it on val / testA / testB and the
+distribution-shift splits of `--shift-splits`) writes
 `{work-dir}/{job}/results.json`; a rerun skips finished jobs, so an interrupted build resumes
 where it stopped. At the end the command writes the report (markdown tables with mean and
 spread over seeds, trainable parameter counts, ablations of prompt depth, DDIM steps and the
@@ -14,8 +15,9 @@ Diff-Prompt job was evaluated at one sampling seed; `--sampling-seeds` (default 
 evaluation time.
 
 Honest accounting:
-- every choice ("best mode", "best baseline") is made on val (`choose_on_val`); testA / testB are only
-  reported;
+- every choice ("best mode", "best baseline") is made on val (`choose_on_val`); testA / testB and the
+  shift splits (shift_background, shift_size, shift_crowded: scenes unlike the train split's, in their
+  own "under shift" table) are only reported;
 - Diff-Prompt is evaluated at every sampling seed of `--sampling-seeds` under the service's seed
   policy (every expression gets the raw seed, `evaluation.rec.expression_seeds`), and a row's ± is
   the spread over (training seed, sampling seed) pairs;
@@ -41,9 +43,10 @@ import numpy as np
 from tqdm import tqdm
 
 from diffprompt.cli import positive_int
+from diffprompt.training.data.synthetic.splits import SHIFT_SPLITS
 from diffprompt.training.options import add_image_root_arg
 
-SPLITS = ("val", "testA", "testB")
+SPLITS = ("val", "testA", "testB")  # the main table's; choices are made on val
 BASELINES = ("vpt", "coop", "maple", "clip_adapter", "linear_probe")
 LABELS = {"foundation": "Frozen foundation (zero-shot)", "vpt": "VPT-deep", "coop": "CoOp (deep text prompts)",
           "maple": "MaPLe", "clip_adapter": "CLIP-Adapter", "linear_probe": "Linear probe (heads)",
@@ -116,6 +119,11 @@ def generator_cost(cfg: dict, conditioning: str) -> tuple[int, float | None]:
     return params, (None if vae is None or dit is None else float(vae + dit))
 
 
+def scored_splits(cfg: dict) -> tuple[str, ...]:
+    """Every split a job is evaluated on: val / testA / testB, then cfg["shift_splits"]."""
+    return (*SPLITS, *cfg.get("shift_splits", ()))
+
+
 def run_job(job: Job, cfg: dict) -> dict:
     """Train (unless the foundation or the pointer ranking) and evaluate one job; writes and returns its
     results.json. `trainable_parameters` / `train_seconds` cover every stage the method needs; Diff-Prompt
@@ -166,7 +174,7 @@ def run_job(job: Job, cfg: dict) -> dict:
         pipeline.steps = steps or 25
         for sampling_seed in sampling:
             per_split = runs.setdefault(str(steps), {}).setdefault(str(sampling_seed), {})
-            for split in SPLITS:
+            for split in scored_splits(cfg):
                 samples = load_split(Path(cfg["data_dir"]) / f"{split}.json", cfg.get("image_root"))
                 acc = evaluate_samples(pipeline, pipeline.tokenizer, samples, progress=False, seed=sampling_seed,
                                        seed_policy="service")
@@ -202,7 +210,7 @@ def foundation_fused_runs(cfg: dict) -> dict:
         val_r1[weight] = _split_metrics(pipeline, cfg, "val")["R@1"]
     pipeline.pointer_weight = max(val_r1, key=lambda w: (val_r1[w], -w))
     return {"pointer_weight": pipeline.pointer_weight, "val_R@1_by_weight": val_r1,
-            "sampling": {"0": {"0": {split: _split_metrics(pipeline, cfg, split) for split in SPLITS}}}}
+            "sampling": {"0": {"0": {split: _split_metrics(pipeline, cfg, split) for split in scored_splits(cfg)}}}}
 
 
 def fused_runs(pipeline, cfg: dict, sampling: list[int]) -> dict:
@@ -216,7 +224,8 @@ def fused_runs(pipeline, cfg: dict, sampling: list[int]) -> dict:
     val = load_split(Path(cfg["data_dir"]) / "val.json", cfg.get("image_root"))
     weight = choose_pointer_weight(collect(pipeline, val, sampling, "service"), cfg["fusion_weights"])
     pipeline.pointer_weight = weight
-    runs = {SERVED_STEPS: {str(seed): {split: _split_metrics(pipeline, cfg, split, seed) for split in SPLITS}
+    runs = {SERVED_STEPS: {str(seed): {split: _split_metrics(pipeline, cfg, split, seed)
+                                              for split in scored_splits(cfg)}
                            for seed in sampling}}
     pipeline.pointer_weight = 0.0
     return {"pointer_weight": weight, "sampling": runs}
@@ -272,6 +281,29 @@ def _seconds(values: list) -> str:
     return f"{np.mean(known):.0f}" if len(known) == len(values) and known else "n/a"
 
 
+def shift_table(table: dict, shown: list[tuple[str, str]]) -> list[str]:
+    """Report lines: R@1 of the main table's rows on val / testA / testB beside the shift splits they were
+    evaluated on (n/a: a job from before the shift splits, or run without them). No choice is made here."""
+    shifts = [sp for sp in SHIFT_SPLITS if any(sp in table[row][steps] for row, steps in shown)]
+    if not shifts:
+        return []
+    columns = [*SPLITS, *shifts]
+    lines = ["", "### Under distribution shift (R@1)", "",
+             "The same rows, on test splits whose scenes differ from the train split's in one way each "
+             "(docs/design.md, 'Distribution-shift splits'). Reported only: every choice above was made on val.", "",
+             "| Method | DDIM steps | " + " | ".join(columns) + " | mean(shift) |",
+             "|---|---|" + "---|" * (len(columns) + 1)]
+    for row, steps in shown:
+        ev = table[row][steps]
+        cells = [_stat(ev[sp]["R@1"]) if sp in ev else "n/a" for sp in columns]
+        if all(sp in ev for sp in shifts):
+            mean_shift = _stat([float(np.mean(v)) for v in zip(*(ev[sp]["R@1"] for sp in shifts))])
+        else:
+            mean_shift = "n/a"
+        lines.append(f"| {LABELS[row]} | {steps if steps != '0' else '-'} | {' | '.join(cells)} | {mean_shift} |")
+    return lines
+
+
 def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str, dict]:
     table = aggregate(results)
     lines = [f"Produced by `{cmd}`. Mean ± sample std over training seeds {seeds} and, for Diff-Prompt, "
@@ -283,6 +315,7 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
              "testB R@1 / R@5 / UB | mean(testA, testB) R@1 |", "|---|---|---|---|---|---|---|---|"]
     order = ["foundation", *SIMPLER, *BASELINES, *MODES]
     means = {}
+    shown = []  # (row, steps) of the main table, in its order
     for row in order:
         if row not in table:
             continue
@@ -298,6 +331,8 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
                                    if "_pointer_weight" in table[row] else "")
             lines.append(f"| {label} | {steps if steps != '0' else '-'} | {table[row]['_params']:,} | "
                          f"{_seconds(table[row]['_seconds'])} | {' | '.join(cells)} | {_stat(mean_ab)} |")
+            shown.append((row, steps))
+    lines += shift_table(table, shown)
 
     # ablations
     lines += ["", "### Ablation: DDIM steps (token conditioning, depth 9)", "",
@@ -485,12 +520,13 @@ def main(args: argparse.Namespace) -> int:
            "dit_pooled": args.dit_pooled, "dit_tokens": args.dit_tokens, "data_dir": args.data_dir,
            "epochs": args.epochs, "threads": args.threads, "image_root": args.image_root,
            "sampling_seeds": args.sampling_seeds, "fusion_weights": args.fusion_weights,
+           "shift_splits": args.shift_splits,
            "generator_seconds": committed_generator_seconds(args)}
     from diffprompt.training.data.synthetic.writer import ensure_split
     from diffprompt.training.stages.runner import get_logger
 
     log = get_logger("results", None)
-    for split in ("train", *SPLITS):
+    for split in ("train", *scored_splits(cfg)):
         ensure_split(Path(args.data_dir), split, None, log, args.progress)
     if args.from_scratch:
         train_generators(args, cfg)
@@ -551,6 +587,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="Diff-Prompt's noise seeds evaluated per trained seed (service seed policy)")
     p.add_argument("--fusion-weights", type=float, nargs="*", default=[0.25, 0.5, 1, 2, 4, 8],
                    help="pointer-fusion weights tried on val for each token Diff-Prompt job (none: no fused row)")
+    p.add_argument("--shift-splits", nargs="*", default=list(SHIFT_SPLITS), choices=list(SHIFT_SPLITS),
+                   metavar="SPLIT", help=f"distribution-shift splits every job is also scored on, of "
+                                         f"{list(SHIFT_SPLITS)} (none: val / testA / testB only)")
     p.add_argument("--epochs", type=int, default=2, help="stage-3 epochs, the same for every method")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6, 9], help="depth ablation (seed 0)")
     p.add_argument("--ablation-steps", type=int, nargs="+", default=[5, 10, 25], help="DDIM steps ablation")

@@ -2,6 +2,7 @@
 
     diffprompt evaluate --checkpoint checkpoints/foundation --split val testA testB
     diffprompt evaluate --checkpoint checkpoints/diffprompt --ddim-steps 5 --split val testA testB
+    diffprompt evaluate --checkpoint checkpoints/foundation --split shift_background shift_size shift_crowded
     diffprompt evaluate --checkpoint checkpoints/foundation --json path/to/finetune_refcoco_val.json
     diffprompt evaluate --checkpoint /models/owlv2-base --json ... --criterion giou
     diffprompt evaluate --artifact artifacts/diffprompt-5steps --split val      # onnxruntime

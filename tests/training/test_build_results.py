@@ -9,6 +9,7 @@ import torch
 
 from diffprompt.training import build_results
 from diffprompt.training.build_results import BASELINES, Job, aggregate, choose_on_val, plan, render_report
+from diffprompt.training.data.synthetic.splits import SHIFT_SPLITS
 
 
 def _result(job: Job, r1: dict[str, float], params: int = 10, sampling: dict[int, float] | None = None) -> dict:
@@ -103,6 +104,29 @@ def test_report_means_spreads_and_checks():
     assert "| standardised per mask (default) | 60.00 ± 0.00 | 60.00 ± 0.00 | 46.00 ± 1.41 | 53.00 ± 0.71 |" in report
 
 
+def test_shift_splits_get_their_own_table_and_change_no_choice():
+    """Rows scored on the shift splits show them beside val / testA / testB; a row from before them shows
+    n/a; the best baseline is still chosen on val although the other one is far better under shift."""
+    results = [_result(Job("foundation", "foundation"), {"val": 0.30, "testA": 0.40, "testB": 0.20}),
+               _result(Job("diffprompt-tokens-s0", "diffprompt", 0, "tokens", eval_steps=[25, 5]),
+                       {"val": 0.60, "testA": 0.60, "testB": 0.45})]
+    for method, val, shift in (("coop", 0.45, 0.10), ("maple", 0.35, 0.90)):
+        r = _result(Job(f"{method}-s0", method, 0), {"val": val, "testA": 0.40, "testB": 0.20})
+        for split, value in zip(SHIFT_SPLITS, (shift, shift + 0.02, shift + 0.04)):
+            r["sampling"]["0"]["0"][split] = {"n": 100, "R@1": value, "R@5": 0.9, "UB": 1.0}
+        results.append(r)
+    report, data = render_report(results, "diffprompt results", [0])
+    assert data["checks"]["best baseline (highest val R@1)"] == "coop"
+    table = report.split("### Under distribution shift (R@1)")[1].split("###")[0]
+    assert "| Method | DDIM steps | val | testA | testB | shift_background | shift_size | shift_crowded | " \
+           "mean(shift) |" in table
+    assert "| CoOp (deep text prompts) | - | 45.00 | 40.00 | 20.00 | 10.00 | 12.00 | 14.00 | 12.00 |" in table
+    assert "| MaPLe | - | 35.00 | 40.00 | 20.00 | 90.00 | 92.00 | 94.00 | 92.00 |" in table
+    assert "| Frozen foundation (zero-shot) | - | 30.00 | 40.00 | 20.00 | n/a | n/a | n/a | n/a |" in table
+    old_only, _ = render_report(results[:1], "diffprompt results", [0])
+    assert "Under distribution shift" not in old_only  # no row was scored under shift: no table
+
+
 def test_spread_counts_sampling_seeds_and_costs_count_every_stage():
     job = Job("diffprompt-tokens-s0", "diffprompt", 0, "tokens", eval_steps=[5])
     r = _result(job, {"val": 0.50, "testA": 0.50, "testB": 0.50}, params=4_000_000,
@@ -157,8 +181,9 @@ def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):
             "--plot", str(tmp_path / "r.png"), "--masks", str(tmp_path / "m.png"), "--no-progress"]
     assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
     done = json.loads((tmp_path / "work" / "vpt-s0" / "results.json").read_text())
-    assert set(done["eval"]["0"]) == {"val", "testA", "testB"} and done["trainable_parameters"] > 0
+    assert set(done["eval"]["0"]) == {"val", "testA", "testB", *SHIFT_SPLITS} and done["trainable_parameters"] > 0
     assert (tmp_path / "r.png").stat().st_size > 0 and "VPT-deep" in (tmp_path / "r.md").read_text()
+    assert "### Under distribution shift (R@1)" in (tmp_path / "r.md").read_text()
     mtime = (tmp_path / "work" / "vpt-s0" / "results.json").stat().st_mtime_ns
     assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
     assert (tmp_path / "work" / "vpt-s0" / "results.json").stat().st_mtime_ns == mtime  # not rerun

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffprompt.training.data.synthetic.backgrounds import BACKGROUND_GRAY
 from diffprompt.training.data.synthetic.expressions import GENERATORS, category_queries
 from diffprompt.training.data.synthetic.language import Category, Relation, evaluate, kind_of, parse, to_text
 from diffprompt.training.data.synthetic.splits import SPLITS, generate_image
 from diffprompt.training.data.synthetic.world import (
-    BACKGROUND_GRAY,
     CANVAS,
     COLORS,
     MIN_GAP,
@@ -163,6 +163,16 @@ def _digest(spec, n: int = 5) -> str:
 
 def test_adding_absent_splits_changed_no_other_split():
     assert {name: _digest(SPLITS[name]) for name in DIGESTS_BEFORE_ABSENT_SPLITS} == DIGESTS_BEFORE_ABSENT_SPLITS
+
+
+# The same digests of the absent-object splits, computed on the code before the distribution-shift
+# splits (and their SceneSpec, backgrounds.py) were added: adding them must not change any split.
+DIGESTS_BEFORE_SHIFT_SPLITS = {**DIGESTS_BEFORE_ABSENT_SPLITS, "train_absent": "ef761f8f0dd7259c",
+                               "val_absent": "87aaaa59a7cceb49", "test_absent": "f4e0a99572a223c2"}
+
+
+def test_adding_shift_splits_changed_no_other_split():
+    assert {name: _digest(SPLITS[name]) for name in DIGESTS_BEFORE_SHIFT_SPLITS} == DIGESTS_BEFORE_SHIFT_SPLITS
 
 
 @pytest.mark.parametrize("name", ["val_absent", "test_absent", "train_absent"])

@@ -3,8 +3,10 @@
     diffprompt data write --split all --out data/synthetic
     diffprompt data write --split train --n-images 100 --out /tmp/world
     diffprompt data preview --split testB --out docs/images/synthetic_testB.png
+    diffprompt data preview --split shift_background --out docs/images/synthetic_shift_background.png
 
-Splits: pretrain, train, val, testA, testB, heldout (see training/data/synthetic/splits.py).
+Splits: pretrain, train, val, testA, testB, heldout, the *_absent splits and the distribution-shift
+test splits shift_background, shift_size, shift_crowded (see training/data/synthetic/splits.py).
 """
 
 from __future__ import annotations

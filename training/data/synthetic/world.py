@@ -6,6 +6,9 @@ A scene is 3-6 coloured shapes on a noisy gray 128x128 canvas. Everything is dra
     scene = sample_scene(np.random.default_rng(0))
     scene.image   # (128, 128, 3) uint8
     scene.objects # tuple of SceneObject with shape/color/size, mask (128, 128) bool, box xyxy
+
+A `SceneSpec` says how many objects, of which diameters, on which background; its default,
+`TRAINED`, is the world above. The distribution-shift splits (splits.py) draw from other specs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from diffprompt.training.data.synthetic.backgrounds import BACKGROUNDS, draw_background
 
 CANVAS = 128
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
@@ -28,11 +33,31 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SIZES: dict[str, tuple[int, int]] = {"small": (14, 20), "large": (28, 38)}  # outer diameter, px
 COLOR_JITTER = 10  # per channel, +-
-BACKGROUND_GRAY = (90, 170)
-NOISE_SIGMA = 6.0
 MIN_GAP = 2  # px between any two bounding boxes
 N_OBJECTS = (3, 6)
 STAR_INNER_RATIO = 0.45
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """How scenes are drawn: the defaults are the world every committed model was trained on."""
+
+    small: tuple[float, float] = SIZES["small"]  # outer diameter range of "small" objects, px
+    large: tuple[float, float] = SIZES["large"]
+    n_objects: tuple[int, int] = N_OBJECTS  # both ends included; never fewer than the first
+    background: str = "gray"  # a name of backgrounds.BACKGROUNDS
+
+    def __post_init__(self) -> None:
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; expected one of {sorted(BACKGROUNDS)}")
+        if not 1 <= self.n_objects[0] <= self.n_objects[1]:
+            raise ValueError(f"n_objects must be (min, max) with 1 <= min <= max, got {self.n_objects}")
+
+    def diameters(self, size: str) -> tuple[float, float]:
+        return self.small if size == "small" else self.large
+
+
+TRAINED = SceneSpec()
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,7 @@ class SceneObject:
     size: str
     mask: np.ndarray  # (H, W) bool
     box: tuple[int, int, int, int]
+    diameter: float | None = None  # outer diameter drawn, px (None: not recorded)
 
     @property
     def center(self) -> tuple[float, float]:
@@ -110,16 +136,18 @@ def boxes_apart(a: tuple[int, ...], b: tuple[int, ...], gap: int = MIN_GAP) -> b
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
-def sample_scene(rng: np.random.Generator, canvas: int = CANVAS, max_tries: int = 200) -> Scene:
-    """Draw one scene. Objects that cannot be placed in `max_tries` are re-drawn smaller."""
-    n_objects = int(rng.integers(N_OBJECTS[0], N_OBJECTS[1] + 1))
+def sample_scene(rng: np.random.Generator, canvas: int = CANVAS, max_tries: int = 200,
+                 spec: SceneSpec = TRAINED) -> Scene:
+    """Draw one scene. An object that cannot be placed in `max_tries` is drawn anew (other shape,
+    colour and size), unless the scene already has its minimum number of objects: then it stops."""
+    n_objects = int(rng.integers(spec.n_objects[0], spec.n_objects[1] + 1))
     objects: list[SceneObject] = []
     while len(objects) < n_objects:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         color = list(COLORS)[int(rng.integers(len(COLORS)))]
         size = list(SIZES)[int(rng.integers(len(SIZES)))]
         for _ in range(max_tries):
-            lo, hi = SIZES[size]
+            lo, hi = spec.diameters(size)
             diameter = float(rng.uniform(lo, hi))
             margin = diameter / 2 + 1
             cx = float(rng.uniform(margin, canvas - margin))
@@ -129,20 +157,19 @@ def sample_scene(rng: np.random.Generator, canvas: int = CANVAS, max_tries: int 
                 continue
             box = tight_box(mask)
             if all(boxes_apart(box, o.box) for o in objects):
-                objects.append(SceneObject(shape, color, size, mask, box))
+                objects.append(SceneObject(shape, color, size, mask, box, diameter))
                 break
         else:
             # A crowded canvas: keep what we have if it already satisfies the minimum count.
-            if len(objects) >= N_OBJECTS[0]:
+            if len(objects) >= spec.n_objects[0]:
                 break
-    return Scene(render(objects, rng, canvas), tuple(objects))
+    return Scene(render(objects, rng, canvas, spec.background), tuple(objects))
 
 
-def render(objects: list[SceneObject], rng: np.random.Generator, canvas: int = CANVAS) -> np.ndarray:
-    """Gray background + Gaussian noise, then each object in its jittered colour: (H, W, 3) uint8."""
-    gray = float(rng.integers(BACKGROUND_GRAY[0], BACKGROUND_GRAY[1] + 1))
-    noise = rng.normal(0.0, NOISE_SIGMA, size=(canvas, canvas, 3))
-    image = np.clip(gray + noise, 0, 255)
+def render(objects: list[SceneObject], rng: np.random.Generator, canvas: int = CANVAS,
+           background: str = "gray") -> np.ndarray:
+    """Background (with noise), then each object in its jittered colour: (H, W, 3) uint8."""
+    image = np.clip(draw_background(background, rng, canvas), 0, 255)
     for obj in objects:
         base = np.array(COLORS[obj.color], dtype=np.float64)
         jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
