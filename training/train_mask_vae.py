@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from diffprompt.training.options import add_data_args, add_run_args
+from diffprompt.training.utils.resume import add_resume_args
 
 PRESETS = ("baby", "embedded")  # = models.mask_vae.MASK_VAE_PRESETS (tests/training/test_cli)
 
@@ -31,6 +32,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--image-size", type=int, default=128, help="the grounding model's input square, px")
     p.add_argument("--resize-mode", default="pad", choices=["pad", "stretch"])
     add_run_args(p, output="runs/mask_vae")
+    add_resume_args(p, save_every=500)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-3)

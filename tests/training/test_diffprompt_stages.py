@@ -188,3 +188,17 @@ def test_stage2_resumed_mid_run_ends_with_the_uninterrupted_ema_weights(stages, 
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["history"] == whole["history"] and resumed["best_val_mask_iou"] == whole["best_val_mask_iou"]
+
+
+def test_stage1_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(small_world, tmp_path):
+    common = ["--preset", "baby", "--epochs", "2", "--batch-size", "8", "--eval-every", "2", "--save-every", "3",
+              "--data-dir", str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1", "--no-progress"]
+    whole = train_mask_vae.main(train_mask_vae.build_parser().parse_args([*common, "--output", str(tmp_path / "a")]))
+    checkpoint = Path(whole["run_dir"]) / "checkpoint-last"
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    per_epoch = len(list(json.loads((small_world / "train.json").read_text())["annotations"])) // 8
+    assert step % per_epoch != 0  # inside an epoch
+    train_mask_vae.main(train_mask_vae.build_parser().parse_args(
+        [*common, "--resume", str(checkpoint), "--output", str(tmp_path / "b")]))
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

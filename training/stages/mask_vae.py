@@ -3,7 +3,9 @@
 Official Diff-Prompt recipe: loss = MSE + 3.8e-4 * KL, Adam lr 5e-3, lr x 0.95 per epoch, one
 mask per referred object. Masks are randomly flipped left-right and shifted inside the frame.
 Reports the reconstruction IoU (decoded logits > 0 against the mask) on val, and sets the latent
-scaling factor (1 / std of the training latents) before saving. Options: training/train_mask_vae.py.
+scaling factor (1 / std of the training latents) before saving. Every --save-every steps a
+checkpoint-last that --resume continues, also inside an epoch (training/utils/resume.py).
+Options: training/train_mask_vae.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from diffprompt.training.data.mdetr import load_mdetr
 from diffprompt.training.data.rec_arrays import load_rec_arrays
 from diffprompt.training.models.mask_vae import build_mask_vae, decode_latents, mask_iou, masks_to_vae_input
 from diffprompt.training.stages.runner import StageRunner, TrainStep, split_paths
+from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
+from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
 
 def augment(masks: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -84,13 +88,26 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)
     batches = run.batches(len(train_masks), args.batch_size)
+    total = args.epochs * len(batches)
     rng = np.random.default_rng([args.seed, run.rank])
     generator = torch.Generator(run.device).manual_seed(args.seed * 1000 + run.rank)
+    latent_shape = (vae.config.latent_channels, vae.config.latent_size, vae.config.latent_size)
+    step = 0  # optimizer steps taken, over all epochs
+    if args.resume:
+        state = load_trainer_state(args.resume, optimizer, trajectory(args, len(train_masks), run.world_size))
+        load_weights(vae, args.resume)
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        for s in range(step):  # replay the skipped steps' draws: augmentation, then the posterior's sample
+            idx = batches.batch(*divmod(s, len(batches)))
+            augment(train_masks[idx], rng)
+            torch.randn((len(idx), *latent_shape), generator=generator, device=run.device)
+        log.info(f"resumed from {args.resume} at step {step} of {total}")
     t0 = time.time()
-    bar = run.progress(args.epochs * len(batches), "mask-vae")
-    for epoch in range(args.epochs):
+    bar = run.progress(total, "mask-vae", initial=step)
+    for epoch in range(step // len(batches), args.epochs):
         vae.train()
-        for idx in batches.epoch(epoch):
+        for idx in list(batches.epoch(epoch))[step - epoch * len(batches):]:  # all but those a resumed run took
             x = masks_to_vae_input(augment(train_masks[idx], rng)).to(run.device)
             recon, kl = step_module(x, generator)
             mse = torch.nn.functional.mse_loss(recon, x)
@@ -98,8 +115,13 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
             bar.update()
             bar.set_postfix(mse=f"{mse.item():.4f}", epoch=epoch)
+            if run.is_main and args.save_every and step % args.save_every == 0 and step < total:
+                run.save(vae.save_pretrained, run.run_dir / CHECKPOINT_NAME, optimizer, {
+                    "step": step, "scheduler": scheduler.state_dict(),
+                    "trajectory": trajectory(args, len(train_masks), run.world_size)})
         scheduler.step()
         mse_mean = run.mean(mse.item())  # a collective: every rank calls it
         if run.is_main and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):

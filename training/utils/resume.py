@@ -1,4 +1,4 @@
-"""Resuming stages 2 and 3 at any optimizer step, also inside an epoch.
+"""Resuming stages 1-3 at any optimizer step, also inside an epoch.
 
     --save-every N     every N optimizer steps, rank 0 rewrites runs/NNN-<stage>/checkpoint-last
                        (atomically): the trained weights, the optimizer, the learning-rate schedule,
@@ -42,7 +42,7 @@ class ResumeMismatchError(UserError):
 
 
 def add_resume_args(p: argparse.ArgumentParser, save_every: int) -> None:
-    """--save-every and --resume (stages 2 and 3)."""
+    """--save-every and --resume (stages 1-3)."""
     from diffprompt.cli import non_negative_int
 
     p.add_argument("--save-every", type=non_negative_int, default=save_every,
