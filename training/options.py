@@ -52,3 +52,11 @@ def add_run_args(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads per process")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_precision_arg(p: argparse.ArgumentParser, fp16: bool = False) -> None:
+    """--precision: the autocast dtype of the training forward pass (weights and optimizer stay fp32)."""
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", *(["fp16"] if fp16 else []), "fp32"],
+                   help="autocast dtype of the forward pass (weights and optimizer stay fp32); auto: bf16 where "
+                        "the device computes it natively (CUDA, CPUs with AVX512-BF16 / AMX), else fp32"
+                        + ("; fp16: CUDA only, with a gradient scaler" if fp16 else ""))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffprompt.training.options import add_data_args, add_run_args
+from diffprompt.training.options import add_data_args, add_precision_arg, add_run_args
 
 PRESETS = ("baby", "embedded", "vit-p16", "vit-p8")  # = models.grounding.GROUNDING_PRESETS (tests/training/test_cli)
 
@@ -53,8 +53,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                   help="autocast dtype of the forward pass (weights and optimizer stay fp32)")
+    add_precision_arg(p)
     return p
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffprompt.training.options import add_data_args, add_run_args
+from diffprompt.training.options import add_data_args, add_precision_arg, add_run_args
 from diffprompt.training.utils.resume import add_resume_args
 
 PRESETS = ("baby", "embedded", "official")  # = models.prompt_dit.PROMPT_DIT_PRESETS (tests/training/test_cli)
@@ -63,7 +63,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--eval-every", type=int, default=1000, help="steps between val mask IoU checks (best kept)")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[25, 5], help="DDIM step counts to validate")
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    add_precision_arg(p)
     p.add_argument("--frozen-batch-size", type=int, default=64,
                    help="expressions per pass of the frozen foundation when computing the conditions")
     p.add_argument("--cache-dtype", default="float32", choices=["float32", "float16"],

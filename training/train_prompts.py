@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 from diffprompt.cli import positive_int
-from diffprompt.training.options import add_data_args, add_run_args
+from diffprompt.training.options import add_data_args, add_precision_arg, add_run_args
 from diffprompt.training.utils.resume import add_resume_args
 
 # = models.prompt_learners.METHODS and MASK_INPUTS (tests/training/test_cli): the parser stays torch-free
@@ -95,8 +95,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--rank-weight", type=float, default=1.0, help="weight of the patch ranking term of the loss")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between val R@1 checks (0 = never)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype (fp16: CUDA only, with a gradient scaler)")
+    add_precision_arg(p, fp16=True)
     return p
 
 

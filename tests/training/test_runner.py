@@ -141,3 +141,24 @@ def test_the_runner_under_torchrun_keeps_ranks_in_step_and_writes_on_rank_0(tmp_
     (run_dir,) = (tmp_path / "runs").iterdir()  # rank 0 only
     assert run_dir.name == "000-toy"
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+
+
+def test_precision_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    import argparse
+
+    import torch
+
+    from diffprompt.core.errors import UserError
+    from diffprompt.training.stages import runner
+
+    cpu = torch.device("cpu")
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(runner, "native_bf16", lambda device, native=native: native)
+        args = argparse.Namespace(precision="auto")
+        assert runner.resolve_precision(args, cpu) == expected and args.precision == expected
+    args = argparse.Namespace(precision="bf16")  # an explicit choice is kept, native or emulated
+    assert runner.resolve_precision(args, cpu) == "bf16"
+    with pytest.raises(UserError, match="--precision fp16 needs a CUDA device"):
+        runner.resolve_precision(argparse.Namespace(precision="fp16"), cpu)
+    monkeypatch.undo()
+    assert runner.native_bf16(cpu) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

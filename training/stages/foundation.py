@@ -27,7 +27,7 @@ from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
 from diffprompt.training.evaluation.rec import evaluate_samples
 from diffprompt.training.losses import detection_loss, match
 from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
-from diffprompt.training.stages.runner import StageRunner, TrainStep, split_paths
+from diffprompt.training.stages.runner import StageRunner, TrainStep, resolve_precision, split_paths
 from diffprompt.training.utils.checkpoint import load_trainer_state
 
 
@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
     log = run.log
+    resolve_precision(args, run.device, log)
     train_json, val_json = split_paths(run, args, "pretrain", "heldout", n_train_images=args.n_images)
     tokenizer = synthetic_tokenizer() if args.tokenizer is None else QueryTokenizer.from_file(args.tokenizer)
     if args.resume:

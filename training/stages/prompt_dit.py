@@ -32,7 +32,7 @@ from diffprompt.training.models.diffprompt import SCHEDULER_FILE, foundation_con
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, encode_masks, mask_iou
 from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
-from diffprompt.training.stages.runner import StageRunner, cache_dir, split_paths
+from diffprompt.training.stages.runner import StageRunner, cache_dir, resolve_precision, split_paths
 from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
 from diffprompt.training.utils.ema import EMA, optimizer_step
 from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
@@ -116,6 +116,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
     log = run.log
+    resolve_precision(args, run.device, log)
     foundation, tokenizer = load_foundation(args.foundation)
     foundation.eval().requires_grad_(False).to(run.device)
     fcfg, vae_cfg = foundation.config, MaskVAE.load_config(args.mask_vae)

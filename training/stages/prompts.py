@@ -35,7 +35,7 @@ from diffprompt.training.models.diffprompt import DiffPromptPipeline, load_dit, 
 from diffprompt.training.models.mask_vae import MaskVAE
 from diffprompt.training.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
-from diffprompt.training.stages.runner import StageRunner, TrainStep, cache_dir, check_precision, split_paths
+from diffprompt.training.stages.runner import StageRunner, TrainStep, cache_dir, resolve_precision, split_paths
 from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
 from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
     log = run.log
-    check_precision(args.precision, run.device)
+    resolve_precision(args, run.device, log)
     if args.micro_batch_size is not None and args.micro_batch_size < 1:
         raise UserError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
     foundation, tokenizer = load_foundation(args.foundation)

@@ -247,10 +247,26 @@ def get_logger(name: str, run_dir: Path | None, is_main: bool = True) -> logging
     return logger
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """fp16 autocast (with a gradient scaler) is for CUDA devices only: a UserError elsewhere."""
-    if precision == "fp16" and device.type != "cuda":
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with bf16
+    instructions (AVX512-BF16 / AMX, what oneDNN reports). Elsewhere bf16 autocast is emulated, and
+    on an AVX2-only CPU it made stage 3 about 8x slower than fp32 (docs/results.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(args: argparse.Namespace, device: torch.device, log: logging.Logger | None = None) -> str:
+    """args.precision with "auto" resolved (bf16 where the device computes it natively, else fp32) and
+    checked: fp16 autocast (with a gradient scaler) is for CUDA devices only, a UserError elsewhere.
+    The resolved value is written back to args (summaries and resumable checkpoints record it)."""
+    if args.precision == "auto":
+        args.precision = "bf16" if native_bf16(device) else "fp32"
+        if log is not None:
+            log.info(f"--precision auto: {args.precision} on {device}")
+    if args.precision == "fp16" and device.type != "cuda":
         raise UserError(f"--precision fp16 needs a CUDA device (this run is on {device}); use bf16 or fp32")
+    return args.precision
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
