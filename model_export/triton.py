@@ -257,7 +257,8 @@ def copy_graph(src: Path, dst: Path) -> None:
 
 
 # The numpy-only core modules the Python-backend model imports (diffprompt.core.pipeline and what it needs).
-VENDORED_CORE = ("ddim.py", "errors.py", "image_spec.py", "manifest.py", "no_match.py", "pipeline.py")
+VENDORED_CORE = ("ddim.py", "errors.py", "image_spec.py", "manifest.py", "no_match.py", "pipeline.py",
+                 "prompt_solver.py")
 
 
 def vendor_core(version_dir: Path) -> None:

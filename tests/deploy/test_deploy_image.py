@@ -31,7 +31,7 @@ from image_testkit import (
     unique,
 )
 from packaging.utils import canonicalize_name
-from service_testkit import free_port, parse_metrics, sample_png
+from service_testkit import free_port, ground_slowly, parse_metrics, sample_png
 
 pytestmark = pytest.mark.image
 
@@ -117,7 +117,7 @@ def test_docker_stop_answers_every_request_in_flight_and_exits_0(network):
         def one() -> None:
             try:
                 with httpx.Client(base_url=c.client.base_url, timeout=60) as client:
-                    results.append(ground(client))
+                    results.append(ground_slowly(client, hold_s=2))  # in flight together, body still arriving
             except Exception as e:  # noqa: BLE001 - reported by the assertion below
                 results.append(e)
 

@@ -169,6 +169,29 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
 
 # -- images ---------------------------------------------------------------------------------------
 
+def ground_slowly(client: httpx.Client, hold_s: float, expression: str = "the blue star", seed: int = 0,
+                  image: bytes | None = None) -> httpx.Response:
+    """POST /v1/ground whose multipart body arrives in two parts `hold_s` apart. The server counts a
+    request as in flight from its headers on, so requests sent this way are in flight together
+    however the client threads are scheduled (the batcher no longer holds a lone request back, so
+    fast requests would otherwise be answered one by one)."""
+    boundary = "diffprompt-test-boundary"
+    fields = [("expression", expression.encode()), ("seed", str(seed).encode())]
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v + b"\r\n"
+             for k, v in fields]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
+                 "Content-Type: image/png\r\n\r\n".encode() + (image or sample_png()) + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+    def slowly():
+        yield body[:64]
+        time.sleep(hold_s)
+        yield body[64:]
+
+    return client.post("/v1/ground", content=slowly(),
+                       headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+
 def sample_png(name: str = "squares.png") -> bytes:
     return (SAMPLES / name).read_bytes()
 

@@ -5,45 +5,23 @@ from __future__ import annotations
 import shutil
 import signal
 import threading
-import time
 
 import httpx
 import pytest
-from service_testkit import ServerProcess, assert_error, metric, sample_png, wait_until
+from service_testkit import ServerProcess, assert_error, ground_slowly, metric, sample_png, wait_until
 
 pytestmark = pytest.mark.slow  # every test starts its own server
 
 
-def _fire(srv: ServerProcess, n: int, hold_s: float = 1.5) -> tuple[list[threading.Thread], list]:
-    """n concurrent ground requests in threads, each on its own connection; results land in the list.
-
-    Each request sends its headers and the first bytes of its multipart body at once and the rest
-    `hold_s` later, so all n are in flight together (the server counts a request from its headers
-    on) however the threads are scheduled: the batcher no longer holds a lone request back, so a
-    fast request would otherwise be answered before the others arrive."""
+def _fire(srv: ServerProcess, n: int, hold_s: float) -> tuple[list[threading.Thread], list]:
+    """n concurrent ground requests in threads, each on its own connection and uploading its body
+    `hold_s` slowly (`ground_slowly`), so all n are in flight together; results land in the list."""
     results: list = [None] * n
-    boundary = "diffprompt-test-boundary"
-
-    def body(i: int) -> bytes:
-        fields = [("expression", b"the blue star"), ("seed", str(i).encode())]
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v + b"\r\n"
-                 for k, v in fields]
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
-                     "Content-Type: image/png\r\n\r\n".encode() + sample_png() + b"\r\n")
-        return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
     def run(i: int) -> None:
-        data = body(i)
-
-        def slowly():
-            yield data[:64]
-            time.sleep(hold_s)
-            yield data[64:]
-
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             try:
-                results[i] = client.post("/v1/ground", content=slowly(),
-                                         headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+                results[i] = ground_slowly(client, hold_s, seed=i)
             except httpx.HTTPError as e:
                 results[i] = e
 
