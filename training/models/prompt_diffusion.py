@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from diffprompt.training.models.pretrained import PretrainedModel
-from diffprompt.training.models.prompt_dit import DiTBlock, TimestepEmbedder, modulate
+from diffprompt.training.models.prompt_dit import DiTBlock, TimestepEmbedder, dit_initialize, modulate
 
 
 @dataclass
@@ -99,17 +99,8 @@ class PromptDiffusion(PretrainedModel):
         return sum(self.tokens[n] * self.widths[n] for n in self.names)
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        dit_initialize(self, self.t_embedder, self.blocks)  # adaLN-Zero: every block starts as identity
         nn.init.normal_(self.pos_embed, std=0.02)
-        for mlp in (self.t_embedder.mlp,):
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as identity, the output at zero
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_modulation[-1].weight)
         nn.init.zeros_(self.final_modulation[-1].bias)
         for linear in self.out.values():

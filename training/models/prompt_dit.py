@@ -160,6 +160,21 @@ def referred_patch(masks: torch.Tensor, grid: int) -> torch.Tensor:
     return row * grid + col
 
 
+def dit_initialize(model: nn.Module, t_embedder: TimestepEmbedder, blocks: nn.ModuleList) -> None:
+    """DiT's initialisation (facebookresearch/DiT): every Linear Xavier-uniform with zero bias, the
+    timestep MLP normal(0.02), and each block's adaLN modulation zeroed, so every block starts as
+    the identity. The caller zeroes its own output layer."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
+    for block in blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block; with `cross_attention`, a cross-attention to the condition tokens sits
     between self-attention and MLP (gated by adaLN as well, so the block starts as identity)."""
@@ -249,16 +264,7 @@ class PromptDiT(PretrainedModel):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():  # transformer layers: Xavier-uniform, zero bias (DiT)
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for mlp in (self.t_embedder.mlp,):  # timestep MLP: normal(0.02)
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
-        for block in self.blocks:  # zero-out adaLN modulation: every block starts as identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        dit_initialize(self, self.t_embedder, self.blocks)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)  # zero-out the output layer
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
