@@ -21,8 +21,6 @@ from diffprompt.training.data.mdetr import load_mdetr
 from diffprompt.training.data.rec_arrays import load_rec_arrays
 from diffprompt.training.models.mask_vae import build_mask_vae, decode_latents, mask_iou, masks_to_vae_input
 from diffprompt.training.stages.runner import StageRunner, TrainStep, split_paths
-from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
-from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
 
 def augment(masks: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -92,10 +90,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     rng = np.random.default_rng([args.seed, run.rank])
     generator = torch.Generator(run.device).manual_seed(args.seed * 1000 + run.rank)
     latent_shape = (vae.config.latent_channels, vae.config.latent_size, vae.config.latent_size)
-    step = 0  # optimizer steps taken, over all epochs
-    if args.resume:
-        state = load_trainer_state(args.resume, optimizer, trajectory(args, len(train_masks), run.world_size))
-        load_weights(vae, args.resume)
+    state = run.resume(vae, optimizer, len(train_masks))
+    step = state.get("step", 0)  # optimizer steps taken, over all epochs
+    if state:
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         for s in range(step):  # replay the skipped steps' draws: augmentation, then the posterior's sample
@@ -118,10 +115,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             step += 1
             bar.update()
             bar.set_postfix(mse=f"{mse.item():.4f}", epoch=epoch)
-            if run.is_main and args.save_every and step % args.save_every == 0 and step < total:
-                run.save(vae.save_pretrained, run.run_dir / CHECKPOINT_NAME, optimizer, {
-                    "step": step, "scheduler": scheduler.state_dict(),
-                    "trajectory": trajectory(args, len(train_masks), run.world_size)})
+            if run.checkpoint_due(step, total):
+                run.save_resumable(vae.save_pretrained, optimizer, len(train_masks),
+                                   {"step": step, "scheduler": scheduler.state_dict()})
         scheduler.step()
         mse_mean = run.mean(mse.item())  # a collective: every rank calls it
         if run.is_main and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):

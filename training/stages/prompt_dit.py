@@ -33,9 +33,7 @@ from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, encode_
 from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
 from diffprompt.training.stages.runner import StageRunner, cache_dir, resolve_precision, split_paths
-from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
 from diffprompt.training.utils.ema import EMA, optimizer_step
-from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
 # In a checkpoint-last, next to the training weights: the EMA averages, and the best EMA weights so far
 # (what --output held), which a resumed run writes to its own --output before it goes on.
@@ -159,12 +157,10 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         noise = torch.randn((k, *latents.shape[1:]), generator=generator)
         return noise, torch.randint(0, args.train_timesteps, (k,), generator=generator)
 
-    start, history, best = 0, [], -1.0
-    if args.resume:
-        state = load_trainer_state(args.resume, optimizer, trajectory(args, len(train_data), run.world_size))
-        load_weights(dit, args.resume)
+    state = run.resume(dit, optimizer, len(train_data))
+    start, history, best = state.get("step", 0), state.get("history", []), state.get("best", -1.0)
+    if state:
         ema.load(Path(args.resume) / EMA_FILE, state["ema_updates"])
-        start, history, best = state["step"], state["history"], state["best"]
         if (Path(args.resume) / BEST_DIR).is_dir():  # the best EMA weights so far: --output holds them from now on
             run.save(lambda d: shutil.copytree(Path(args.resume) / BEST_DIR, d, dirs_exist_ok=True))
         for s in range(start):  # the generator as the uninterrupted run has it at step `start`
@@ -178,9 +174,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             if best >= 0:  # a copy of --output as it stands: a resumed run starts its --output from it
                 shutil.copytree(run.output, d / BEST_DIR)
 
-        run.save(write, run.run_dir / CHECKPOINT_NAME, optimizer, {
-            "step": step, "history": history, "best": best, "ema_updates": ema.updates,
-            "trajectory": trajectory(args, len(train_data), run.world_size)})
+        run.save_resumable(write, optimizer, len(train_data),
+                           {"step": step, "history": history, "best": best, "ema_updates": ema.updates})
 
     t0 = time.time()
     bar = run.progress(args.steps, f"dit-{args.conditioning}", initial=start)
@@ -222,7 +217,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
                     run.save(lambda d: save_dit(dit, scheduler, d))
                     log.info(f"saved EMA weights (best val mask IoU {best:.4f}) to {run.output}")
             dit.train()
-        if run.is_main and args.save_every and (step + 1) % args.save_every == 0 and not last:
+        if run.checkpoint_due(step + 1, args.steps):
             save_resumable(step + 1)
         run.barrier()
     bar.close()

@@ -36,8 +36,6 @@ from diffprompt.training.models.mask_vae import MaskVAE
 from diffprompt.training.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 from diffprompt.training.stages.runner import StageRunner, TrainStep, cache_dir, resolve_precision, split_paths
-from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights
-from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
 
 @torch.no_grad()
@@ -160,20 +158,14 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     scheduler = one_cycle(optimizer, args.lr, total)
     grad_scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    step, history = 0, []  # optimizer steps taken (over all epochs), val R@1 per epoch
-    if args.resume:
-        state = load_trainer_state(args.resume, optimizer, trajectory(args, len(train_data), run.world_size))
-        load_weights(learner, args.resume)
+    state = run.resume(learner, optimizer, len(train_data))
+    step, history = state.get("step", 0), state.get("history", [])  # optimizer steps (all epochs), val R@1 per epoch
+    if state:
         scheduler.load_state_dict(state["scheduler"])
         grad_scaler.load_state_dict(state["grad_scaler"])
         step, history = state["step"], state["history"]
         log.info(f"resumed from {args.resume} at step {step} of {total} (epoch {step // len(batches) + 1}, "
                  f"batch {step % len(batches) + 1} of {len(batches)})")
-
-    def save_resumable() -> None:  # rank 0: the learner, optimizer, schedule and step, for --resume
-        run.save(learner.save_pretrained, run.run_dir / CHECKPOINT_NAME, optimizer, {
-            "step": step, "history": history, "scheduler": scheduler.state_dict(),
-            "grad_scaler": grad_scaler.state_dict(), "trajectory": trajectory(args, len(train_data), run.world_size)})
 
     t0 = time.time()
     bar = run.progress(total, args.method, initial=step)
@@ -212,8 +204,10 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
-            if run.is_main and args.save_every and step % args.save_every == 0 and step < total:
-                save_resumable()
+            if run.checkpoint_due(step, total):  # the learner, optimizer, schedule and step, for --resume
+                run.save_resumable(learner.save_pretrained, optimizer, len(train_data), {
+                    "step": step, "history": history, "scheduler": scheduler.state_dict(),
+                    "grad_scaler": grad_scaler.state_dict()})
         loss_mean = run.mean(loss)
         if run.is_main:
             entry = {"epoch": epoch + 1, "loss": loss_mean, "seconds": time.time() - t0}

@@ -43,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffprompt.core.errors import OutputExistsError, UserError
-from diffprompt.training.utils.checkpoint import save_checkpoint
+from diffprompt.training.utils.checkpoint import load_trainer_state, load_weights, save_checkpoint
+from diffprompt.training.utils.resume import CHECKPOINT_NAME, trajectory
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
@@ -66,6 +67,7 @@ class StageRunner:
         self.run_dir = new_run_dir(args.run_root, name) if self.is_main else None
         self.log = get_logger(name, self.run_dir, self.is_main)
         self.seed, self.show_progress = args.seed, args.progress
+        self.args = args
         torch.manual_seed(args.seed)
         self._wrapped: list[nn.Module] = []
 
@@ -124,6 +126,31 @@ class StageRunner:
         which then replaces the old one (training/utils/checkpoint.py; with `optimizer` and `state`,
         a resumable checkpoint)."""
         return save_checkpoint(self.output if directory is None else directory, write, optimizer, state)
+
+    # -- resumable checkpoints (training/utils/resume.py) -------------------------------------------
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, n_train: int) -> dict:
+        """With --resume: check that checkpoint against this run (a ResumeMismatchError names what
+        differs), restore `model`'s weights and the optimizer, and return its trainer state (`step` and
+        what the stage saved with it). Without --resume: {}."""
+        if not self.args.resume:
+            return {}
+        state = load_trainer_state(self.args.resume, optimizer, trajectory(self.args, n_train, self.world_size))
+        load_weights(model, self.args.resume)
+        return state
+
+    def checkpoint_due(self, step: int, total: int) -> bool:
+        """Whether rank 0 writes checkpoint-last after optimizer step `step` (1-based) of `total`: every
+        --save-every steps, not after the last (the stage's output follows it)."""
+        every = self.args.save_every
+        return self.is_main and bool(every) and step % every == 0 and step < total
+
+    def save_resumable(self, write: Callable[[Path], None], optimizer: torch.optim.Optimizer, n_train: int,
+                       state: dict) -> Path:
+        """runs/NNN-<stage>/checkpoint-last: `write(d)` puts the model files, then the optimizer, and
+        trainer_state.json with `state` (at least `step`) and this run's trajectory, which `resume` checks."""
+        return self.save(write, self.run_dir / CHECKPOINT_NAME, optimizer,
+                         {**state, "trajectory": trajectory(self.args, n_train, self.world_size)})
 
     def finish(self, summary: dict) -> dict:
         """Write runs/NNN-name/summary.json (rank 0) and return the summary ({} on other ranks)."""

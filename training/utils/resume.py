@@ -33,7 +33,7 @@ FREE_OPTIONS = frozenset({
     "resume", "save_every", "output", "overwrite", "run_root", "threads", "device", "progress", "workers",
     "data_dir", "train_json", "val_json", "image_root", "cache_dir", "mask_cache", "pixel_cache", "cache_dtype",
     "foundation", "mask_vae", "prompt_dit", "frozen_batch_size", "micro_batch_size", "gradient_checkpointing",
-    "log_every", "val_limit",
+    "log_every", "val_limit", "prompt_diffusion", "prompt_diffusion_steps",  # the last two: after stage 3
 })
 
 
