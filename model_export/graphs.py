@@ -100,7 +100,7 @@ class PromptConditions(nn.Module):
         self.foundation = foundation
 
     def forward(self, pixel_values, input_ids, attention_mask):
-        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=True)
+        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, patch_scores=False)
         return tuple(cond[k] for k in PROMPT_CONDITIONS)
 
 

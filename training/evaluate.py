@@ -50,14 +50,9 @@ def main(args: argparse.Namespace) -> int:
     elif args.checkpoint is None:
         raise UserError("give --checkpoint (PyTorch) or --artifact (onnxruntime)")
     elif (Path(args.checkpoint) / PIPELINE_FILE).exists():
-        model = DiffPromptPipeline.from_pretrained(args.checkpoint, steps=args.ddim_steps)
+        model = DiffPromptPipeline.from_pretrained(args.checkpoint, steps=args.ddim_steps,
+                                                   prompt_diffusion=args.prompt_diffusion, solver=args.solver)
         tokenizer = model.tokenizer
-        if model.prompt_diffusion is not None and not args.prompt_diffusion:  # the base learner alone
-            model.prompt_diffusion = model.prompt_sampler = None
-        elif model.prompt_diffusion is not None and args.solver:
-            from diffprompt.training.models.diffprompt import load_prompt_diffusion
-
-            _, model.prompt_sampler = load_prompt_diffusion(Path(args.checkpoint) / "prompt_diffusion", args.solver)
     else:
         model, tokenizer = load_foundation(args.checkpoint)
     datasets: list[tuple[str, Path]] = [(Path(j).stem, Path(j)) for j in args.json]

@@ -52,16 +52,20 @@ SCHEDULER_FILE = "scheduler_config.json"
 
 @torch.no_grad()
 def foundation_conditions(
-    foundation: GroundingModel, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, tokens: bool = True
+    foundation: GroundingModel, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, tokens: bool = True,
+    patch_scores: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The DiT's conditioning inputs from the unprompted foundation (see prompt_dit)."""
+    """The DiT's conditioning inputs from the unprompted foundation (see prompt_dit). With `tokens`, the
+    towers' tokens too, and (unless `patch_scores` is False: Prompt Diffusion does not read them) the
+    foundation's standardised score of the expression per patch, which takes its heads' pass."""
     image = foundation.encode_image(pixels)
     text = foundation.encode_text(ids, mask)
     cond = {"image_embed": image.pooled, "text_embed": text.query_embeds}  # (B, E), (B, E)
     if tokens:
+        cond.update(image_tokens=image.tokens, text_tokens=text.tokens, text_mask=mask.float())
+    if tokens and patch_scores:
         logits = foundation.predict(image, text.query_embeds[:, None, :]).logits[..., 0]  # (B, P)
-        scores = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-6)
-        cond.update(image_tokens=image.tokens, text_tokens=text.tokens, text_mask=mask.float(), patch_scores=scores)
+        cond["patch_scores"] = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-6)
     return cond
 
 
@@ -95,7 +99,11 @@ class DiffPromptPipeline:
     prompt_sampler: object | None = None  # its solver (DPM-Solver++ or DDIM), `steps` steps
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, steps: int = 25) -> DiffPromptPipeline:
+    def from_pretrained(cls, directory: str | Path, steps: int = 25, prompt_diffusion: bool = True,
+                        solver: str | None = None) -> DiffPromptPipeline:
+        """The pipeline a train-prompts (or train-prompt-diffusion) directory holds. A Prompt Diffusion
+        part is loaded unless `prompt_diffusion` is False (the base learner alone), sampled with
+        `solver` if given, else with the solver pipeline.json names."""
         directory = Path(directory)
         spec = read_json_object(directory / PIPELINE_FILE, CheckpointError, "a train-prompts pipeline directory")
 
@@ -112,9 +120,9 @@ class DiffPromptPipeline:
             vae = MaskVAE.from_pretrained(part("mask_vae"))
             dit, scheduler = load_dit(part("prompt_dit"))
         pipeline = cls(foundation, tokenizer, learner, vae, dit, scheduler, steps)
-        if spec.get("prompt_diffusion") is not None:
+        if prompt_diffusion and spec.get("prompt_diffusion") is not None:
             pipeline.prompt_diffusion, pipeline.prompt_sampler = load_prompt_diffusion(
-                part("prompt_diffusion"), spec.get("prompt_diffusion_solver", "dpm"))
+                part("prompt_diffusion"), solver or spec.get("prompt_diffusion_solver", "dpm"))
         pipeline.pointer_weight = pointer_weight_of(spec, directory)
         if pipeline.pointer_weight and not (dit is not None and dit.pointer):
             raise CheckpointError(f"{directory / PIPELINE_FILE}: pointer_weight needs a DiT with a pointer head")
@@ -173,8 +181,9 @@ class DiffPromptPipeline:
         """(grounding output, decoded masks or None) for one expression per image; with fusion or
         `pointer_only` the output's logits are the fused / pointer scores."""
         masks = cond = values = None
-        if (self.dit is not None and (self.pointer_only or self.pointer_weight)) or self.prompt_diffusion is not None:
-            cond = foundation_conditions(self.foundation, pixels, ids, mask, True)
+        pointer = self.dit is not None and (self.pointer_only or self.pointer_weight)
+        if pointer or self.prompt_diffusion is not None:
+            cond = foundation_conditions(self.foundation, pixels, ids, mask, True, patch_scores=pointer)
         if self.learner is not None and self.learner.needs_masks:
             masks = self.generate_masks(pixels, ids, mask, seeds, cond)
         if self.prompt_diffusion is not None:  # the learner's prompts, generated for each query

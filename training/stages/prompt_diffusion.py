@@ -85,7 +85,8 @@ def main(args: argparse.Namespace) -> dict:
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
     log, started = run.log, time.time()
     base_dir = Path(args.base)
-    pipeline = DiffPromptPipeline.from_pretrained(base_dir, steps=args.steps)
+    # the base learner alone, also when --base already holds a Prompt Diffusion part (it is replaced)
+    pipeline = DiffPromptPipeline.from_pretrained(base_dir, steps=args.steps, prompt_diffusion=False)
     learner, foundation, tokenizer = pipeline.learner, pipeline.foundation, pipeline.tokenizer
     if learner is None or not learner.prompt_names:
         raise UserError(f"{base_dir}: its learner ({getattr(learner, 'method', 'none')}) has no prompt tensors to "
@@ -96,7 +97,10 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     for part in (foundation, learner):
         part.eval().requires_grad_(False).to(run.device)
     fcfg = foundation.config
-    args.foundation = str((base_dir / json.loads((base_dir / PIPELINE_FILE).read_text())["foundation"]).resolve())
+    base_spec = json.loads((base_dir / PIPELINE_FILE).read_text())  # read and checked by from_pretrained above
+    parts = {k: (base_dir / base_spec[k]).resolve() if base_spec.get(k) else None
+             for k in ("foundation", "mask_vae", "prompt_dit")}  # the base pipeline's parts, for the output
+    args.foundation = str(parts["foundation"])
     model = PromptDiffusion(PromptDiffusionConfig(
         prompt_shapes={n: list(getattr(learner, n).shape) for n in learner.prompt_names}, base_method=learner.method,
         image_embed_dim=fcfg.projection_dim, text_embed_dim=fcfg.projection_dim,
@@ -106,6 +110,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
 
     spec = pipeline.image_spec
     train_json, val_json = split_paths(run, args, "train", "val")
+    # boxes are what the overfitting reads; the masks (at 32 px, as everywhere) go unused here
     train_data = load_rec_arrays(load_split(train_json, args.image_root), spec, 32, progress=args.progress)
     val_samples = load_split(val_json, args.image_root, args.val_limit)
     ids, mask = (torch.from_numpy(a) for a in tokenizer([s.expression for s in train_data.samples]))
@@ -177,9 +182,6 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             model.save_pretrained(pd_dir)
             (pd_dir / SCHEDULER_FILE).write_text(json.dumps(SCHEDULE_DEFAULTS, indent=2))
             learner.save_pretrained(d)
-            spec_json = json.loads((base_dir / PIPELINE_FILE).read_text())
-            parts = {k: (base_dir / spec_json[k]).resolve() if spec_json.get(k) else None
-                     for k in ("foundation", "mask_vae", "prompt_dit")}
             write_pipeline_file(d, parts["foundation"], parts["mask_vae"], parts["prompt_dit"],
                                 prompt_diffusion=pd_dir, solver=args.solver)
             (d / "training_summary.json").write_text(json.dumps(summary, indent=2))
