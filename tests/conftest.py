@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.foundation_testkit import save_baby_foundation
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,19 +59,13 @@ def build_tiny_pipeline(root: Path, conditioning: str = "tokens") -> Path:
     """A randomly initialised Diff-Prompt pipeline (baby presets) saved under `root`; returns its directory."""
     import torch
 
-    from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
     from diffprompt.training.models.diffprompt import write_pipeline_file
-    from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
     from diffprompt.training.models.mask_vae import build_mask_vae
     from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig
     from diffprompt.training.models.prompt_learners import PromptLearner
     from diffprompt.training.models.prompt_sampler import make_scheduler
 
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    f = GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size))
-    f.save_pretrained(root / "foundation")
-    tok.save(root / "foundation")
+    f = save_baby_foundation(root / "foundation")
     build_mask_vae("baby").save_pretrained(root / "vae")
     cfg = f.config
     dit = PromptDiT(PromptDiTConfig(

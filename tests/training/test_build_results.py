@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from diffprompt.training import build_results
 from diffprompt.training.build_results import BASELINES, Job, aggregate, choose_on_val, plan, render_report
 from diffprompt.training.data.synthetic.splits import SHIFT_SPLITS
+from tests.foundation_testkit import save_baby_foundation
 
 
 def _result(job: Job, r1: dict[str, float], params: int = 10, sampling: dict[int, float] | None = None) -> dict:
@@ -169,13 +169,8 @@ def test_generator_cost_adds_stages_1_and_2(tmp_path):
 
 def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):
     """Two real jobs (the foundation and one baseline) on a tiny world, then a rerun that trains nothing."""
-    from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
-    from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "f")
-    tok.save(tmp_path / "f")
+    save_baby_foundation(tmp_path / "f")
     argv = ["--work-dir", str(tmp_path / "work"), "--foundation", str(tmp_path / "f"), "--data-dir", str(small_world),
             "--seeds", "0", "--only", "foundation", "vpt", "--threads", "1", "--report", str(tmp_path / "r.md"),
             "--plot", str(tmp_path / "r.png"), "--masks", str(tmp_path / "m.png"), "--no-progress"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from diffprompt.training import evaluate, train_mask_vae, train_prompt_dit, train_prompts
-from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
 from diffprompt.training.models.diffprompt import PIPELINE_FILE, SCHEDULER_FILE, DiffPromptPipeline
-from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
+from diffprompt.training.models.grounding import GroundingModel
+from tests.foundation_testkit import save_baby_foundation
 from tests.torchrun_util import run_torchrun
 
 
@@ -19,10 +19,7 @@ from tests.torchrun_util import run_torchrun
 def stages(small_world, tmp_path_factory):
     """Foundation (random baby) -> stage 1 -> stage 2 (tokens) -> stage 3 (Diff-Prompt)."""
     root = tmp_path_factory.mktemp("stages")
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(root / "foundation")
-    tok.save(root / "foundation")
+    save_baby_foundation(root / "foundation")
     common = ["--data-dir", str(small_world), "--run-root", str(root / "runs"), "--threads", "1", "--no-progress"]
     vae = train_mask_vae.main(train_mask_vae.build_parser().parse_args(
         ["--preset", "baby", "--epochs", "2", "--batch-size", "8", "--eval-every", "1", "--output",

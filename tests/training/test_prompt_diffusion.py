@@ -10,20 +10,17 @@ import pytest
 import torch
 
 from diffprompt.training import evaluate, train_prompt_diffusion, train_prompts
-from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
 from diffprompt.training.models.diffprompt import PIPELINE_FILE, DiffPromptPipeline
 from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 from diffprompt.training.models.prompt_diffusion import PromptDiffusion, PromptDiffusionConfig
 from diffprompt.training.models.prompt_learners import PromptLearner
+from tests.foundation_testkit import save_baby_foundation
 
 
 @pytest.fixture(scope="module")
 def coop(small_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("pd")
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(root / "foundation")
-    tok.save(root / "foundation")
+    save_baby_foundation(root / "foundation")
     train_prompts.main(train_prompts.build_parser().parse_args(
         ["--method", "coop", "--epochs", "1", "--batch-size", "8", "--eval-every", "0", "--foundation",
          str(root / "foundation"), "--output", str(root / "coop"), "--data-dir", str(small_world),

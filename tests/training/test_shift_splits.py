@@ -8,6 +8,7 @@ import pytest
 from diffprompt.training.data.synthetic.language import evaluate, kind_of, parse, to_text
 from diffprompt.training.data.synthetic.splits import REC_KINDS, SHIFT_SPLITS, SPLITS, generate_image
 from diffprompt.training.data.synthetic.world import N_OBJECTS, SIZES, TRAINED
+from tests.foundation_testkit import save_baby_foundation
 
 N = 20  # images looked at per split
 
@@ -85,17 +86,10 @@ def test_evaluate_scores_a_tiny_shift_split(small_world, tmp_path, capsys):
     """`diffprompt evaluate --split shift_*` on a few images: a table per split, every expression scored."""
     import json
 
-    import torch
-
     from diffprompt.cli import main as cli_main
     from diffprompt.training.data.mdetr import load_mdetr
-    from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
-    from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
 
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "f")
-    tok.save(tmp_path / "f")
+    save_baby_foundation(tmp_path / "f")
     report = tmp_path / "report.json"
     rc = cli_main(["evaluate", "--checkpoint", str(tmp_path / "f"), "--split", *SHIFT_SPLITS,
                    "--data-dir", str(small_world), "--out", str(report), "--no-progress", "--threads", "1"])

@@ -8,19 +8,16 @@ from safetensors.torch import load_file
 
 from diffprompt.core.errors import UserError
 from diffprompt.training import train_prompts
-from diffprompt.training.data.synthetic.vocabulary import synthetic_tokenizer
-from diffprompt.training.models.grounding import GROUNDING_PRESETS, GroundingModel
+from diffprompt.training.models.grounding import GroundingModel
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 from diffprompt.training.stages.prompts import micro_batches, one_cycle
+from tests.foundation_testkit import save_baby_foundation
 
 
 @pytest.fixture(scope="module")
 def foundation_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("baby")
-    torch.manual_seed(0)
-    tok = synthetic_tokenizer()
-    GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=tok.vocab_size)).save_pretrained(root)
-    tok.save(root)
+    save_baby_foundation(root)
     return root
 
 
