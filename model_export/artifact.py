@@ -191,7 +191,8 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         jobs.append(("condition_encoder", enc, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
                      enc.output_names))
         den = Denoiser(pipeline.dit.eval())
-        used = list(cond)  # the denoiser takes every condition_encoder output, in the same order
+        produced = dict(zip(enc.output_names, cond))
+        used = [produced[name] for name in den.condition_names]  # the outputs the denoiser reads, in its order
         c = pipeline.dit.config
         latent_shape = (c.latent_channels, c.latent_size, c.latent_size)
         latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(1))

@@ -2,10 +2,13 @@
 
     condition_encoder  pixel_values (B,3,S,S), input_ids (B,T) int64, attention_mask (B,T) int64
                        -> image_embed (B,E), text_embed (B,E) [tokens conditioning: + context (B,S,D),
-                          key_bias (B,1,1,S), maps (B,k,g,g)]: the unprompted foundation's conditions
+                          key_bias (B,1,1,S), maps (B,k,g,g), cross_kv (B,depth,S,2D)]: the unprompted
+                          foundation's conditions
                           passed through the DiT's condition-only part (`PromptDiT.prepare_conditions`),
                           once per query rather than once per DDIM step
-    denoiser           latents (B,C,h,w), timesteps (B,) int64, + the condition_encoder's outputs
+    denoiser           latents (B,C,h,w), timesteps (B,) int64, + the condition_encoder's outputs it reads
+                       (image_embed, text_embed [, cross_kv, key_bias, maps]: the context only through
+                       its precomputed cross-attention keys and values)
                        -> model_output (B,C,h,w)            (one DDIM step's network call)
     prompt_builder     kept_latents (B,n,C,h,w)
                        -> vision_prompts (B,dv,L,Dv), text_prompts (B,dt,L,Dt), mask_logits (B,n,1,m,m)
@@ -68,7 +71,7 @@ class Denoiser(nn.Module):
     def __init__(self, dit: PromptDiT):
         super().__init__()
         self.dit = dit
-        self.condition_names = list(dit.prepared_names)
+        self.condition_names = list(dit.denoiser_names)
 
     def forward(self, latents, timesteps, *conditions):
         return self.dit.denoise(latents, timesteps, dict(zip(self.condition_names, conditions)))

@@ -48,8 +48,11 @@ from diffprompt.training.options import add_image_root_arg
 
 SPLITS = ("val", "testA", "testB")  # the main table's; choices are made on val
 BASELINES = ("vpt", "coop", "maple", "clip_adapter", "linear_probe")
+PD_BASES = ("vpt", "coop", "maple")  # the learners with prompt tensors Prompt Diffusion plugs into
 LABELS = {"foundation": "Frozen foundation (zero-shot)", "vpt": "VPT-deep", "coop": "CoOp (deep text prompts)",
           "maple": "MaPLe", "clip_adapter": "CLIP-Adapter", "linear_probe": "Linear probe (heads)",
+          "vpt-pd": "VPT-deep + Prompt Diffusion", "coop-pd": "CoOp + Prompt Diffusion",
+          "maple-pd": "MaPLe + Prompt Diffusion",
           "pointer": "Pointer ranking (foundation's boxes, DiT pointer head; no diffusion, no prompts)",
           "pointer-fused": "Foundation + pointer fusion (no diffusion, no prompts; weight chosen on val)",
           "diffprompt-pooled": "Diff-Prompt, pooled conditioning (paper)",
@@ -72,6 +75,7 @@ class Job:
     depth: int = 9
     eval_steps: list[int] = field(default_factory=lambda: [25])  # DDIM steps evaluated (Diff-Prompt)
     mask_input: str = "standardize"  # Diff-Prompt adapters' input; "tanh" rows are an ablation
+    prompt_diffusion: bool = False  # Prompt Diffusion on the trained `{method}-s{seed}` job's learner
 
     @property
     def main_row(self) -> bool:
@@ -80,7 +84,19 @@ class Job:
 
     @property
     def row(self) -> str:
+        if self.prompt_diffusion:
+            return f"{self.method}-pd"
         return f"{self.method}-{self.conditioning}" if self.conditioning else self.method
+
+    @property
+    def base_job(self) -> str | None:
+        """The job whose trained learner a Prompt Diffusion job starts from (it runs after that one)."""
+        return f"{self.method}-s{self.seed}" if self.prompt_diffusion else None
+
+    @property
+    def stochastic(self) -> bool:
+        """Answers depend on the sampling seed (a DiT samples from noise)."""
+        return self.prompt_diffusion or (self.method == "diffprompt" and self.conditioning is not None)
 
 
 def plan(seeds: list[int], depths: list[int], ablation_steps: list[int],
@@ -100,6 +116,8 @@ def plan(seeds: list[int], depths: list[int], ablation_steps: list[int],
         if layout(depth) != layout(9):
             jobs.append(Job(f"diffprompt-tokens-depth{depth}-s{seeds[0]}", "diffprompt", seeds[0], "tokens", depth))
     jobs += [Job(f"diffprompt-tokens-tanh-s{seed}", "diffprompt", seed, "tokens", mask_input="tanh") for seed in seeds]
+    jobs += [Job(f"{method}-pd-s{seed}", method, seed, eval_steps=[25, 5], prompt_diffusion=True)
+             for seed in seeds for method in PD_BASES]
     return jobs
 
 
@@ -141,7 +159,10 @@ def run_job(job: Job, cfg: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     summary: dict = {"trainable_parameters": 0, "train_seconds": 0.0}
-    if job.method == "foundation":
+    if job.prompt_diffusion:
+        summary = train_prompt_diffusion_job(job, cfg, out)
+        pipeline = DiffPromptPipeline.from_pretrained(out / "model")
+    elif job.method == "foundation":
         pipeline = DiffPromptPipeline.foundation_only(cfg["foundation"])
     elif job.method == "pointer":
         pipeline = DiffPromptPipeline.pointer_ranking(cfg["foundation"], cfg["dit_tokens"])
@@ -166,11 +187,9 @@ def run_job(job: Job, cfg: dict) -> dict:
             summary["trainable_parameters"] += params
             summary["train_seconds"] = None if seconds is None else summary["train_seconds"] + seconds
         pipeline = DiffPromptPipeline.from_pretrained(out / "model")
-    sampling = [0]
-    if job.method == "diffprompt" and job.conditioning:
-        sampling = list(cfg.get("sampling_seeds", [0]))
+    sampling = list(cfg.get("sampling_seeds", [0])) if job.stochastic else [0]
     runs: dict = {}
-    for steps in (job.eval_steps if job.method == "diffprompt" else [0]):
+    for steps in (job.eval_steps if job.method == "diffprompt" or job.prompt_diffusion else [0]):
         pipeline.steps = steps or 25
         for sampling_seed in sampling:
             per_split = runs.setdefault(str(steps), {}).setdefault(str(sampling_seed), {})
@@ -187,6 +206,32 @@ def run_job(job: Job, cfg: dict) -> dict:
         result["fused"] = fused_runs(pipeline, cfg, sampling)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def train_prompt_diffusion_job(job: Job, cfg: dict, out: Path) -> dict:
+    """Prompt Diffusion on the learner of `job.base_job` (finished first): -> the summary fields of
+    results.json, counting the base learner's parameters and seconds too."""
+    from diffprompt.core.errors import UserError
+    from diffprompt.training.train_prompt_diffusion import build_parser
+    from diffprompt.training.train_prompt_diffusion import main as train
+
+    base = Path(cfg["work_dir"]) / job.base_job
+    if not (base / "results.json").exists():
+        raise UserError(f"{job.name}: its base job {job.base_job} has not finished ({base / 'results.json'} missing)")
+    base_result = json.loads((base / "results.json").read_text())
+    argv = ["--base", str(base / "model"), "--seed", str(job.seed), "--output", str(out / "model"), "--overwrite",
+            "--run-root", str(out / "runs"), "--data-dir", cfg["data_dir"], "--threads", str(cfg["threads"]),
+            "--no-progress", "--cache-dir", str(Path(cfg["work_dir"]) / "pd_cache")]
+    if cfg.get("image_root"):
+        argv += ["--image-root", cfg["image_root"]]
+    if cfg.get("pd_train_steps"):
+        argv += ["--train-steps", str(cfg["pd_train_steps"])]
+    trained = train(build_parser().parse_args(argv))
+    return {"trainable_parameters": base_result["trainable_parameters"] + trained["parameters"],
+            "train_seconds": base_result["train_seconds"] + trained["seconds"],
+            "stage_seconds": {"base": base_result["train_seconds"], **trained["seconds_by_part"]},
+            "prompt_diffusion_parameters": trained["parameters"],
+            "base_parameters": base_result["trainable_parameters"]}
 
 
 def _split_metrics(pipeline, cfg: dict, split: str, seed: int = 0) -> dict:
@@ -304,6 +349,67 @@ def shift_table(table: dict, shown: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def _mean_over(ev: dict, splits) -> list[float]:
+    """Per run (training seed, sampling seed): the mean R@1 over `splits`."""
+    return [float(np.mean(v)) for v in zip(*(ev[sp]["R@1"] for sp in splits))]
+
+
+def prompt_diffusion_table(results: list[dict], table: dict) -> tuple[list[str], dict]:
+    """Report lines and acceptance checks of each base learner with and without Prompt Diffusion: R@1 in
+    domain and under shift (mean ± std over runs), the change, 5 against 25 solver steps, trainable
+    parameters and seconds per stage. Nothing is chosen here."""
+    pairs = [b for b in PD_BASES if b in table and f"{b}-pd" in table]
+    if not pairs:
+        return [], {}
+    shifts = [sp for sp in SHIFT_SPLITS if all(sp in table[r][s] for b in pairs for r in (b, f"{b}-pd")
+                                               for s in table[r] if not s.startswith("_"))]
+    lines = ["", "### Prompt Diffusion on each prompt learner (R@1)", "",
+             "Base = the learner's own prompts; + PD = prompts generated per query by DPM-Solver++ at the given "
+             "steps (service seed policy, every sampling seed). mean(shift) averages "
+             f"{', '.join(shifts) or 'no shift split'}; the change is + PD minus base, with the base's std over "
+             "training seeds as the seed noise.", "",
+             "| Base | solver steps | val | mean(testA, testB) | mean(shift) "
+             "| change in domain (val / mean(testA, testB)) | change under shift | seed noise (val / shift) |",
+             "|---|---|---|---|---|---|---|---|"]
+    checks = {}
+    for b in pairs:
+        base, pd = table[b]["0"], table[f"{b}-pd"]
+        noise_val = 100 * float(np.std(base["val"]["R@1"], ddof=1)) if len(base["val"]["R@1"]) > 1 else float("nan")
+        base_shift = _mean_over(base, shifts) if shifts else []
+        noise_shift = 100 * float(np.std(base_shift, ddof=1)) if len(base_shift) > 1 else float("nan")
+        base_ab = _mean_over(base, ("testA", "testB"))
+        lines.append(f"| {LABELS[b]} | - | {_stat(base['val']['R@1'])} | {_stat(base_ab)} | "
+                     f"{_stat(base_shift) if shifts else 'n/a'} | | | {noise_val:.2f} / {noise_shift:.2f} |")
+        for steps in sorted((k for k in pd if not k.startswith("_")), key=lambda k: -int(k)):
+            ev = pd[steps]
+            d_val = 100 * (np.mean(ev["val"]["R@1"]) - np.mean(base["val"]["R@1"]))
+            d_ab = 100 * (np.mean(_mean_over(ev, ("testA", "testB"))) - np.mean(base_ab))
+            d_shift = 100 * (np.mean(_mean_over(ev, shifts)) - np.mean(base_shift)) if shifts else float("nan")
+            lines.append(f"| {LABELS[b]} + PD | {steps} | {_stat(ev['val']['R@1'])} | "
+                         f"{_stat(_mean_over(ev, ('testA', 'testB')))} | "
+                         f"{_stat(_mean_over(ev, shifts)) if shifts else 'n/a'} | {d_val:+.2f} / {d_ab:+.2f} | "
+                         f"{d_shift:+.2f} | |")
+            if steps == SERVED_STEPS:
+                checks[f"{b} + PD ({steps} steps): mean(shift) R@1 change (>= 2 points)"] = d_shift
+                checks[f"{b} + PD ({steps} steps): val R@1 change (>= -seed noise {noise_val:.2f})"] = d_val
+        if SERVED_STEPS in pd and "25" in pd:
+            keep = np.mean(_mean_over(pd[SERVED_STEPS], SPLITS)) / np.mean(_mean_over(pd["25"], SPLITS))
+            checks[f"{b} + PD: 5-step / 25-step R@1, mean of val, testA, testB (>= 0.98)"] = float(keep)
+    lines += ["", "Time per stage (s, mean over training seeds; the base learner's training, then Prompt Diffusion's "
+              "parts) and trainable parameters:", "",
+              "| Base | base params | + PD params | base s | conditions s | overfitted targets s | DiT s | val check s "
+              "| total s |", "|---|---|---|---|---|---|---|---|---|"]
+    for b in pairs:
+        runs = [r for r in results if Job(**r["job"]).row == f"{b}-pd" and "stage_seconds" in r]
+        if not runs:
+            continue
+        sec = lambda k, runs=runs: f"{np.mean([r['stage_seconds'].get(k, np.nan) for r in runs]):.0f}"
+        lines.append(f"| {LABELS[b]} | {runs[0]['base_parameters']:,} | {runs[0]['prompt_diffusion_parameters']:,} | "
+                     f"{sec('base')} | {sec('conditions')} | {sec('targets')} | {sec('diffusion')} | "
+                     f"{sec('validation')} | {np.mean([r['train_seconds'] for r in runs]):.0f} |")
+    return lines, checks
+
+
 def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str, dict]:
     table = aggregate(results)
     lines = [f"Produced by `{cmd}`. Mean ± sample std over training seeds {seeds} and, for Diff-Prompt, "
@@ -313,7 +419,7 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
              "1-2 too; n/a: a stage's time was not measured).", "",
              "| Method | DDIM steps | trainable params | train s | val R@1 / R@5 / UB | testA R@1 / R@5 / UB | "
              "testB R@1 / R@5 / UB | mean(testA, testB) R@1 |", "|---|---|---|---|---|---|---|---|"]
-    order = ["foundation", *SIMPLER, *BASELINES, *MODES]
+    order = ["foundation", *SIMPLER, *BASELINES, *(f"{b}-pd" for b in PD_BASES), *MODES]
     means = {}
     shown = []  # (row, steps) of the main table, in its order
     for row in order:
@@ -333,6 +439,8 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
                          f"{_seconds(table[row]['_seconds'])} | {' | '.join(cells)} | {_stat(mean_ab)} |")
             shown.append((row, steps))
     lines += shift_table(table, shown)
+    pd_lines, pd_checks = prompt_diffusion_table(results, table)
+    lines += pd_lines
 
     # ablations
     lines += ["", "### Ablation: DDIM steps (token conditioning, depth 9)", "",
@@ -387,6 +495,8 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
                 means[(best_mode, "5")]["mean_ab"] / dp25["mean_ab"] if dp25 and (best_mode, "5") in means
                 else float("nan"),
         }
+    checks.update(pd_checks)
+    if checks:
         lines += ["", "### Acceptance checks", ""]
         lines += [f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in checks.items()]
     return "\n".join(lines) + "\n", {"table": table, "checks": checks}
@@ -511,6 +621,26 @@ def committed_generator_seconds(args: argparse.Namespace) -> dict:
                for mode in ("pooled", "tokens")}}
 
 
+def run_jobs(jobs: list[Job], cfg: dict, workers: int, bar, log) -> list[dict]:
+    """Run `jobs` (in order with one worker, side by side in spawned processes with more); their results."""
+    results = []
+    if workers == 1:
+        for job in jobs:
+            results.append(run_job(job, cfg))
+            bar.update()
+            log.info(f"finished {job.name}")
+        return results
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, job, cfg): job for job in jobs}
+        for fut in as_completed(futures):
+            results.append(fut.result())
+            bar.update()
+            log.info(f"finished {futures[fut].name}")
+    return results
+
+
 def main(args: argparse.Namespace) -> int:
     import sys
 
@@ -520,7 +650,7 @@ def main(args: argparse.Namespace) -> int:
            "dit_pooled": args.dit_pooled, "dit_tokens": args.dit_tokens, "data_dir": args.data_dir,
            "epochs": args.epochs, "threads": args.threads, "image_root": args.image_root,
            "sampling_seeds": args.sampling_seeds, "fusion_weights": args.fusion_weights,
-           "shift_splits": args.shift_splits,
+           "shift_splits": args.shift_splits, "pd_train_steps": args.pd_train_steps,
            "generator_seconds": committed_generator_seconds(args)}
     from diffprompt.training.data.synthetic.writer import ensure_split
     from diffprompt.training.stages.runner import get_logger
@@ -534,27 +664,18 @@ def main(args: argparse.Namespace) -> int:
     layers = (fcfg["vision"]["num_hidden_layers"], fcfg["text"]["num_hidden_layers"])
     jobs = plan(args.seeds, args.depths, args.ablation_steps, layers)
     if args.only:
-        jobs = [j for j in jobs if any(j.name.startswith(o) for o in args.only)]
+        chosen = [j for j in jobs if any(j.name.startswith(o) for o in args.only)]
+        bases = {j.base_job for j in chosen if j.base_job}  # a Prompt Diffusion job needs its base learner
+        jobs = [j for j in jobs if j in chosen or j.name in bases]
     results, todo = [], []
     for job in jobs:
         done = work / job.name / "results.json"
         (results.append(json.loads(done.read_text())) if done.exists() else todo.append(job))
     log.info(f"{len(jobs)} jobs, {len(results)} already done, {len(todo)} to run with {args.jobs} worker(s)")
     bar = tqdm(total=len(todo), desc="results", unit="job", disable=not args.progress)
-    if args.jobs == 1:
-        for job in todo:
-            results.append(run_job(job, cfg))
-            bar.update()
-            log.info(f"finished {job.name}")
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, job, cfg): job for job in todo}
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update()
-                log.info(f"finished {futures[fut].name}")
+    # two waves: Prompt Diffusion jobs start from the learners the first wave trains
+    for wave in ([j for j in todo if not j.prompt_diffusion], [j for j in todo if j.prompt_diffusion]):
+        results += run_jobs(wave, cfg, args.jobs, bar, log)
     bar.close()
 
     cmd = "diffprompt results " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["results"] else sys.argv[1:])
@@ -591,6 +712,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    metavar="SPLIT", help=f"distribution-shift splits every job is also scored on, of "
                                          f"{list(SHIFT_SPLITS)} (none: val / testA / testB only)")
     p.add_argument("--epochs", type=int, default=2, help="stage-3 epochs, the same for every method")
+    p.add_argument("--pd-train-steps", type=positive_int, default=None,
+                   help="Prompt Diffusion jobs: their DiT's training steps (default: train-prompt-diffusion's)")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6, 9], help="depth ablation (seed 0)")
     p.add_argument("--ablation-steps", type=int, nargs="+", default=[5, 10, 25], help="DDIM steps ablation")
     p.add_argument("--only", nargs="*", default=[], help="run only jobs whose name starts with one of these")

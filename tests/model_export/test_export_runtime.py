@@ -152,13 +152,15 @@ def test_damaged_artifacts_give_a_clear_error_naming_the_file(artifacts, tmp_pat
 
 
 def test_condition_encoder_feeds_the_denoiser_the_dits_prepared_conditions(artifacts):
-    """The DiT's condition-only part (context layers, pointer) runs once per query in the
-    condition encoder; the denoiser, run at every DDIM step, takes its outputs."""
+    """The DiT's condition-only part (context layers, pointer, every block's cross-attention keys and
+    values) runs once per query in the condition encoder; the denoiser, run at every DDIM step, takes
+    its outputs and never the context itself (no key/value projection per step)."""
     manifest = json.loads((artifacts / "tiny-5steps" / MANIFEST_FILE).read_text())
     produced = [o["name"] for o in manifest["graphs"]["condition_encoder"]["outputs"]]
     taken = [i["name"] for i in manifest["graphs"]["denoiser"]["inputs"]]
-    assert produced == manifest["denoiser_conditions"] == ["image_embed", "text_embed", "context", "key_bias", "maps"]
-    assert taken == ["latents", "timesteps", *produced]
+    assert produced == ["image_embed", "text_embed", "context", "key_bias", "maps", "cross_kv"]
+    assert manifest["denoiser_conditions"] == ["image_embed", "text_embed", "cross_kv", "key_bias", "maps"]
+    assert taken == ["latents", "timesteps", *manifest["denoiser_conditions"]]  # no "context"
 
 
 def test_pooled_conditioning_pipeline_exports_and_matches_pytorch(tiny_pooled_pipeline_dir, tmp_path):

@@ -16,10 +16,10 @@ def _result(job: Job, r1: dict[str, float], params: int = 10, sampling: dict[int
     """A results.json; `sampling` maps sampling seed -> an offset added to every R@1 of that seed."""
     from dataclasses import asdict
 
-    steps = job.eval_steps if job.method == "diffprompt" else [0]
+    steps = job.eval_steps if job.method == "diffprompt" or job.prompt_diffusion else [0]
     offsets = sampling or {0: 0.0}
     runs = {str(s): {str(seed): {sp: {"n": 100, "R@1": r1[sp] * (0.99 if s == 5 else 1.0) + off, "R@5": 0.9,
-                                      "UB": 1.0} for sp in ("val", "testA", "testB")}
+                                      "UB": 1.0} for sp in r1}
                      for seed, off in offsets.items()} for s in steps}
     ev = {s: by_seed[str(next(iter(offsets)))] for s, by_seed in runs.items()}
     return {"job": asdict(job), "trainable_parameters": params, "train_seconds": 1.0, "seconds": 1.0, "eval": ev,
@@ -202,3 +202,55 @@ def test_pointer_job_counts_stages_1_2_and_fuses_on_val(tiny_pipeline_dir, small
     assert set(done["fused"]["val_R@1_by_weight"]) == {"1.0", "3.0"}
     report = (tmp_path / "r.md").read_text()
     assert "Pointer ranking" in report and "Foundation + pointer fusion" in report and "| n/a |" in report
+
+
+def test_prompt_diffusion_rows_compare_each_learner_with_and_without_it():
+    """CoOp + PD gains 5 points under shift and loses 1 in domain at 5 steps; its table, the time per
+    stage and the checks say so; PD jobs come after their base learners' in the plan."""
+    jobs = plan([0, 1], [9], [5])
+    pd_jobs = [j for j in jobs if j.prompt_diffusion]
+    assert {j.name for j in pd_jobs} == {f"{m}-pd-s{s}" for m in ("vpt", "coop", "maple") for s in (0, 1)}
+    assert all(j.base_job == f"{j.method}-s{j.seed}" and j.stochastic and j.row == f"{j.method}-pd" for j in pd_jobs)
+    results = []
+    for seed in (0, 1):
+        base = {"val": 0.40 + 0.02 * seed, "testA": 0.40, "testB": 0.20, **dict.fromkeys(SHIFT_SPLITS, 0.30)}
+        results.append(_result(Job(f"coop-s{seed}", "coop", seed), base))
+        pd = {**{sp: v - 0.01 for sp, v in base.items()}, **dict.fromkeys(SHIFT_SPLITS, 0.35)}
+        r = _result(Job(f"coop-pd-s{seed}", "coop", seed, eval_steps=[25, 5], prompt_diffusion=True), pd)
+        r.update(base_parameters=3072, prompt_diffusion_parameters=500_000, train_seconds=300.0,
+                 stage_seconds={"base": 100.0, "conditions": 10.0, "targets": 150.0, "diffusion": 30.0,
+                                "validation": 10.0})
+        results.append(r)
+    report, data = render_report(results, "diffprompt results --only coop", [0, 1])
+    section = report.split("### Prompt Diffusion on each prompt learner (R@1)")[1].split("###")[0]
+    assert "| CoOp (deep text prompts) | - | 41.00 ± 1.41 | 30.00 ± 0.00 | 30.00 ± 0.00 | | | 1.41 / 0.00 |" in section
+    # at 25 steps: every split -1 point, shift 35; at 5 steps everything x 0.99
+    assert "| CoOp (deep text prompts) + PD | 25 | 40.00 ± 1.41 | 29.00 ± 0.00 | 35.00 ± 0.00 | -1.00 / -1.00 | " \
+           "+5.00 | |" in section
+    assert "| CoOp (deep text prompts) | 3,072 | 500,000 | 100 | 10 | 150 | 30 | 10 | 300 |" in section
+    checks = data["checks"]
+    shift_change = checks["coop + PD (5 steps): mean(shift) R@1 change (>= 2 points)"]
+    assert shift_change == pytest.approx(100 * (0.35 * 0.99 - 0.30))
+    val_change = checks["coop + PD (5 steps): val R@1 change (>= -seed noise 1.41)"]
+    assert val_change == pytest.approx(100 * (0.40 * 0.99 - 0.41))
+    assert checks["coop + PD: 5-step / 25-step R@1, mean of val, testA, testB (>= 0.98)"] == pytest.approx(0.99)
+    assert "| CoOp + Prompt Diffusion | 5 |" in report.split("### Under distribution shift (R@1)")[1]
+
+
+def test_a_prompt_diffusion_job_trains_its_base_first_and_counts_both(small_world, tmp_path):
+    """`--only coop-pd` runs coop-s0 (its base) and then coop-pd-s0 on a tiny world, for real."""
+    save_baby_foundation(tmp_path / "f")
+    argv = ["--work-dir", str(tmp_path / "work"), "--foundation", str(tmp_path / "f"), "--data-dir", str(small_world),
+            "--seeds", "0", "--only", "coop-pd", "--pd-train-steps", "2", "--sampling-seeds", "0", "1",
+            "--shift-splits", "shift_size", "--threads", "1", "--report", str(tmp_path / "r.md"),
+            "--plot", str(tmp_path / "r.png"), "--masks", str(tmp_path / "m.png"), "--no-progress"]
+    assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
+    base = json.loads((tmp_path / "work" / "coop-s0" / "results.json").read_text())
+    done = json.loads((tmp_path / "work" / "coop-pd-s0" / "results.json").read_text())
+    assert done["base_parameters"] == base["trainable_parameters"] > 0
+    assert done["trainable_parameters"] == base["trainable_parameters"] + done["prompt_diffusion_parameters"]
+    assert done["stage_seconds"]["base"] == base["train_seconds"] and done["stage_seconds"]["targets"] > 0
+    assert set(done["sampling"]) == {"25", "5"} and set(done["sampling"]["5"]) == {"0", "1"}
+    assert set(done["sampling"]["5"]["0"]) == {"val", "testA", "testB", "shift_size"}
+    assert (tmp_path / "work" / "coop-pd-s0" / "model" / "prompt_diffusion" / "config.json").exists()
+    assert "### Prompt Diffusion on each prompt learner (R@1)" in (tmp_path / "r.md").read_text()

@@ -117,11 +117,14 @@ class Attention(nn.Module):
         self.kv = nn.Linear(context_size or hidden_size, 2 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_bias: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
+                kv: torch.Tensor | None = None):
+        """kv (B, S, 2D): `self.kv(context)` computed beforehand (it depends on the conditions only)."""
         B, N, D = x.shape
-        ctx = x if context is None else context
+        if kv is None:
+            kv = self.kv(x if context is None else context)  # (B, S, 2D)
         q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, H, N, D/H)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, D/H)
+        k, v = kv.view(B, kv.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, D/H)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)  # (B, H, N, D/H)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -194,13 +197,14 @@ class DiTBlock(nn.Module):
             self.cross_attn = Attention(hidden_size, num_heads)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, n_mod * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, key_bias=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, key_bias=None, cross_kv=None) -> torch.Tensor:
+        """cross_kv (B, S, 2D): the cross-attention's keys and values of `context`, if computed beforehand."""
         mods = self.adaLN_modulation(c).chunk(9 if self.cross_attention else 6, dim=-1)  # each (B, D)
         x = x + mods[2][:, None] * self.attn(modulate(self.norm1(x), mods[0], mods[1]))
         x = x + mods[5][:, None] * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
         if self.cross_attention:
             h = modulate(self.norm_cross(x), mods[6], mods[7])
-            x = x + mods[8][:, None] * self.cross_attn(h, context, key_bias)
+            x = x + mods[8][:, None] * self.cross_attn(h, context, key_bias, cross_kv)
         return x
 
 
@@ -303,10 +307,18 @@ class PromptDiT(PretrainedModel):
 
     @property
     def prepared_names(self) -> tuple[str, ...]:
-        """The tensors `prepare_conditions` hands to `denoise`, in the exported graphs' order."""
+        """The tensors `prepare_conditions` computes once per sample, in the exported condition encoder's order."""
         if self.config.conditioning == "pooled":
             return ("image_embed", "text_embed")
-        return ("image_embed", "text_embed", "context", "key_bias", "maps")
+        return ("image_embed", "text_embed", "context", "key_bias", "maps", "cross_kv")
+
+    @property
+    def denoiser_names(self) -> tuple[str, ...]:
+        """The prepared tensors `denoise` reads at every step, in the exported denoiser's input order
+        (the context itself is only read through its precomputed keys and values, `cross_kv`)."""
+        if self.config.conditioning == "pooled":
+            return ("image_embed", "text_embed")
+        return ("image_embed", "text_embed", "cross_kv", "key_bias", "maps")
 
     def prepare_conditions(self, image_embed, text_embed, image_tokens=None, text_tokens=None, text_mask=None,
                            patch_scores=None) -> dict[str, torch.Tensor | None]:
@@ -314,13 +326,15 @@ class PromptDiT(PretrainedModel):
         sample by the sampler and reused at every DDIM step (`denoise`).
 
         -> image_embed (B, Ei), text_embed (B, Et), context (B, S, D) | None, key_bias (B, 1, 1, S) | None,
-           maps (B, k, g, g) | None (spatial condition channels), pointer_logits (B, P) | None
+           maps (B, k, g, g) | None (spatial condition channels), cross_kv (B, depth, S, 2D) | None (every
+           block's cross-attention keys and values of the context: step-invariant, so not recomputed per
+           step), pointer_logits (B, P) | None
         """
         tokens_mode = self.config.conditioning == "tokens"
         if tokens_mode and (image_tokens is None or text_tokens is None or patch_scores is None):
             raise ValueError("tokens conditioning needs image_tokens, text_tokens and patch_scores")
         prepared = {"image_embed": image_embed, "text_embed": text_embed, "context": None, "key_bias": None,
-                    "maps": None, "pointer_logits": None}
+                    "maps": None, "cross_kv": None, "pointer_logits": None}
         if not tokens_mode:
             return prepared
         scores = torch.cat([torch.zeros_like(patch_scores[:, :1]), patch_scores], dim=1)  # (B, 1+P), CLS 0
@@ -343,7 +357,9 @@ class PromptDiT(PretrainedModel):
             maps.append(log_prob)
             prepared["pointer_logits"] = pointer_logits
         g = self.config.image_grid
-        prepared.update(context=context, key_bias=key_bias, maps=torch.stack(maps, dim=1).view(-1, len(maps), g, g))
+        cross_kv = torch.stack([block.cross_attn.kv(context) for block in self.blocks], dim=1)  # (B, depth, S, 2D)
+        prepared.update(context=context, key_bias=key_bias, maps=torch.stack(maps, dim=1).view(-1, len(maps), g, g),
+                        cross_kv=cross_kv)
         return prepared
 
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, prepared: dict) -> torch.Tensor:
@@ -358,6 +374,8 @@ class PromptDiT(PretrainedModel):
         t = self.t_embedder(timesteps)  # (B, D)
         c = torch.cat([self.image_embedder(prepared["image_embed"]) + t,
                        self.text_embedder(prepared["text_embed"]) + t], dim=-1)  # (B, 2D)
-        for block in self.blocks:
-            x = block(x, c, prepared.get("context"), prepared.get("key_bias"))  # (B, N, D)
+        cross_kv = prepared.get("cross_kv")  # (B, depth, S, 2D) | None
+        for i, block in enumerate(self.blocks):
+            kv = None if cross_kv is None else cross_kv[:, i]
+            x = block(x, c, prepared.get("context"), prepared.get("key_bias"), kv)  # (B, N, D)
         return self.unpatchify(self.final_layer(x, c))  # (B, C, h, w)

@@ -115,7 +115,10 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     val_samples = load_split(val_json, args.image_root, args.val_limit)
     ids, mask = (torch.from_numpy(a) for a in tokenizer([s.expression for s in train_data.samples]))
     args.cache_dtype = "float32"
+    seconds = {"load": time.time() - started}  # wall clock per part of the stage
+    t0 = time.time()
     cond = cached_conditions(run, args, foundation, tokenizer, train_data, True)
+    seconds["conditions"] = time.time() - t0
 
     # 2. the overfitted targets, on disk
     key = file_digest([base_dir / WEIGHTS_NAME, base_dir / CONFIG_NAME, Path(args.foundation)],
@@ -126,7 +129,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     run.main_first(lambda: cached_rows(directory, len(train_data), lambda: overfitted_offsets(
         pipeline, model, train_data, ids, mask, args, run.device)))  # rank 0 computes, the others read
     targets = RowArrays(directory).files["offset"]
-    log.info(f"overfitted prompts of {len(train_data)} expressions in {directory} ({time.time() - t0:.0f}s)")
+    seconds["targets"] = time.time() - t0
+    log.info(f"overfitted prompts of {len(train_data)} expressions in {directory} ({seconds['targets']:.0f}s)")
     chunks = [np.arange(lo, min(lo + 1024, len(train_data))) for lo in range(0, len(train_data), 1024)]
     std = float(np.sqrt(sum(np.square(targets[c].astype(np.float64)).sum() for c in chunks)
                         / (len(train_data) * model.num_features)))
@@ -142,6 +146,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     batches = run.batches(len(train_data), args.batch_size)
     history = []
+    t0 = time.time()
     bar = run.progress(args.train_steps, "prompt-diffusion")
     for step in range(args.train_steps):
         idx = np.sort(batches.at_step(step))
@@ -158,7 +163,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         if (step + 1) % args.log_every == 0:
             log.info(f"step {step + 1}/{args.train_steps} loss {run.mean(loss.item()):.4f}")
     bar.close()
-    log.info(f"world size {run.world_size}: {args.train_steps} steps of {args.batch_size} per process")
+    seconds["diffusion"] = time.time() - t0
+    log.info(f"world size {run.world_size}: {args.train_steps} steps of {args.batch_size} per process "
+             f"({seconds['diffusion']:.0f}s)")
     if not run.is_main:
         return run.finish({})
 
@@ -173,7 +180,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         log.info(f"val R@1: base {learner.method} {base_r1:.4f}, with prompt diffusion ({args.solver}, "
                  f"{args.steps} steps) {pd_r1:.4f}")
         history.append({"step": args.train_steps, "val_R@1_base": base_r1, "val_R@1": pd_r1})
+        seconds["validation"] = time.time() - t0 - seconds["diffusion"]
         summary = {"base": str(base_dir), "method": learner.method, "seconds": time.time() - started,
+                   "seconds_by_part": seconds,  # load, conditions, targets (0 when cached), diffusion, validation
                    "parameters": sum(p.numel() for p in model.parameters()), "history": history,
                    "run_dir": str(run.run_dir), "args": {k: str(v) for k, v in vars(args).items()}}
 

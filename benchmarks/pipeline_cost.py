@@ -1,0 +1,149 @@
+"""What Diff-Prompt costs over the foundation it steers: pipeline / foundation alone, side by side, one command.
+
+    python -m benchmarks.pipeline_cost --work /tmp/pipeline_cost                 # embedded default + OWL-ViT B/32
+    python -m benchmarks.pipeline_cost --work /tmp/pc --models embedded --repeats 50
+
+For each model it exports, into --work, the foundation alone (the `diffprompt export --pipeline
+<foundation>` artifact: one grounding graph) and the Diff-Prompt pipeline at each of --steps, loads
+every artifact as the service does (`GroundingRuntime`, onnxruntime CPU, `--threads` intra-op
+threads, default 1), then times batch-1 requests round robin over the artifacts (foundation, pipeline
+at 5 steps, pipeline at 25 steps, foundation, ...) so all see the same machine state. Each request
+is one val image and expression (the same sequence for every artifact), timed around
+`runtime.ground` (wall clock, numpy glue included). Prints, per model and step count, the p50 of
+both, their ratio and the pipeline's p50 per stage (condition, sampler, prompt_builder, grounding).
+
+Models: `embedded` = the committed `checkpoints/diffprompt` (or --pipeline); `owlvit` = a random
+OWL-ViT B/32 at 768 px (benchmarks/owl_scale.py, full depth unless --owl-layers; random weights:
+cost, not accuracy). Mode: the paper's two-pass pipeline (the foundation runs unprompted for the
+DiT's conditions, then prompted), the only one built so far. The service's own overhead for the
+same request is benchmarks/service_overhead.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("condition", "sampler", "prompt_builder", "grounding")
+
+
+def export_pair(pipeline_dir: Path, work: Path, steps: list[int], threads: int) -> dict:
+    """{"foundation": runtime, steps: runtime, ...} for one pipeline directory (exports reused if present)."""
+    from diffprompt.core.providers import ProviderConfig
+    from diffprompt.core.runtime import GroundingRuntime
+    from diffprompt.model_export.artifact import export_pipeline
+    from diffprompt.training.models.diffprompt import DiffPromptPipeline
+
+    pipeline = DiffPromptPipeline.from_pretrained(pipeline_dir)
+    foundation_dir = Path(pipeline_dir) / json.loads((Path(pipeline_dir) / "pipeline.json").read_text())["foundation"]
+    config = ProviderConfig(preferred=("cpu",), intra_op_threads=threads)
+    runtimes = {}
+    targets = [("foundation", DiffPromptPipeline.foundation_only(foundation_dir), None)]
+    targets += [(s, pipeline, s) for s in steps]
+    for key, model, s in targets:
+        out = work / f"{key}" if key == "foundation" else work / f"pipeline-{s}steps"
+        if not (out / "manifest.json").exists():
+            t0 = time.time()
+            export_pipeline(model, out, s, f"bench-{key}", progress=False)
+            print(f"  exported {out} ({time.time() - t0:.0f} s)", flush=True)
+        runtimes[key] = GroundingRuntime.load(out, config)
+    return runtimes
+
+
+def time_round_robin(runtimes: dict, requests: list[tuple], warmup: int, repeats: int) -> dict:
+    """key -> {"total": [s], stage: [s]} over `repeats` rounds (after `warmup`), one request per artifact per round."""
+    times = {k: {"total": [], **{s: [] for s in STAGES}} for k in runtimes}
+    for r in range(warmup + repeats):
+        pixels, ids, mask = requests[r % len(requests)]
+        for key, runtime in runtimes.items():
+            t0 = time.perf_counter()
+            result = runtime.ground(pixels, ids, mask, [r])
+            elapsed = time.perf_counter() - t0
+            if r < warmup:
+                continue
+            times[key]["total"].append(elapsed)
+            for stage, seconds in result.seconds.items():
+                times[key][stage].append(seconds)
+    return times
+
+
+def requests_for(runtime, data_dir: Path, n: int) -> list[tuple]:
+    """n batch-1 (pixels, input_ids, attention_mask) from the val split, preprocessed for `runtime`."""
+    from diffprompt.training.data.grounding_dataset import load_pixels
+    from diffprompt.training.data.mdetr import load_split
+
+    out = []
+    for sample in load_split(data_dir / "val.json")[:n]:
+        pixels = load_pixels(sample, runtime.image_spec)[None]
+        ids, mask = runtime.tokenizer([sample.expression])
+        out.append((pixels, ids.astype(np.int64), mask.astype(np.int64)))
+    return out
+
+
+def measure(name: str, pipeline_dir: Path, work: Path, args) -> list[dict]:
+    print(f"{name}: exporting and loading", flush=True)
+    runtimes = export_pair(pipeline_dir, work / name, args.steps, args.threads)
+    requests = requests_for(runtimes["foundation"], Path(args.data_dir), 8)
+    times = time_round_robin(runtimes, requests, args.warmup, args.repeats)
+    base = float(np.median(times["foundation"]["total"]))
+    rows = []
+    for s in args.steps:
+        t = times[s]
+        rows.append({"model": name, "mode": "two-pass", "steps": s, "foundation_p50_ms": 1e3 * base,
+                     "pipeline_p50_ms": 1e3 * float(np.median(t["total"])),
+                     "ratio": float(np.median(t["total"])) / base,
+                     **{f"{stage}_p50_ms": 1e3 * float(np.median(t[stage])) for stage in STAGES if t[stage]}})
+    return rows
+
+
+def format_table(rows: list[dict], args) -> str:
+    lines = [f"batch 1, {args.threads} intra-op thread(s), {args.repeats} timed rounds after {args.warmup} warm-up, "
+             "artifacts round robin", "",
+             "| model | mode | DDIM steps | foundation alone p50 ms | pipeline p50 ms | pipeline / foundation "
+             "| condition | sampler | prompt builder | grounding |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        stages = " | ".join(f"{r.get(f'{s}_p50_ms', float('nan')):.1f}" for s in STAGES)
+        lines.append(f"| {r['model']} | {r['mode']} | {r['steps']} | {r['foundation_p50_ms']:.1f} | "
+                     f"{r['pipeline_p50_ms']:.1f} | **{r['ratio']:.2f}x** | {stages} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="artifacts and the random OWL model go here (reused)")
+    p.add_argument("--models", nargs="+", default=["embedded", "owlvit"], choices=["embedded", "owlvit"])
+    p.add_argument("--pipeline", type=Path, default=Path("checkpoints/diffprompt"), help="the embedded pipeline")
+    p.add_argument("--owl-layers", type=int, default=None, help="layers per OWL tower (default: the base model's 12)")
+    p.add_argument("--data-dir", default="data/synthetic")
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 25])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--owl-repeats", type=int, default=5, help="timed rounds for the OWL model (seconds each)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.models:
+        if name == "embedded":
+            rows += measure(name, args.pipeline, args.work, args)
+        else:
+            from benchmarks.owl_scale import build_random_owl_pipeline
+
+            owl = args.work / "owlvit-model"
+            if not (owl / "diffprompt" / "pipeline.json").exists():
+                build_random_owl_pipeline(owl, "owlvit", args.owl_layers)
+            repeats, args.repeats = args.repeats, args.owl_repeats
+            rows += measure("owlvit-b32-768", owl / "diffprompt", args.work, args)
+            args.repeats = repeats
+    print(format_table(rows, args))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
