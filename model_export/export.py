@@ -89,8 +89,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="fp16: float16 weights and compute (float32 inputs / outputs), for CUDA / TensorRT only")
     # the modes and default of model_export/fused_attention.py (which imports torch: --help must not)
     p.add_argument("--attention", choices=["fused", "plain"], default="fused",
-                   help="fused: the foundation's vision attention as onnxruntime's com.microsoft::MultiHeadAttention "
-                        "(CPU: ~1/10 of the peak memory, model_export/fused_attention.py); plain: standard ONNX "
+                   help="fused: the foundation's vision attention and the prompt DiT's attentions as onnxruntime's "
+                        "com.microsoft::MultiHeadAttention (CPU: ~1/10 of the peak memory at OWL size, fewer nodes "
+                        "per DDIM step; model_export/fused_attention.py); plain: standard ONNX "
                         "operators only, for runtimes other than onnxruntime")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -16,7 +16,11 @@ docs/results.md ("Attention export: plain vs fused") measures both.
 called without an attention bias (the vision tower: the image tokens and its deep prompts) runs
 through `MultiHeadAttentionOp`, which computes exactly what `Attention` does in PyTorch (the same
 `scaled_dot_product_attention`) and exports as the contrib node. Attention with a bias (the text
-tower: causal + padding over 16 tokens) stays plain. Training and evaluation never enter it.
+tower: causal + padding over 16 tokens) stays plain. The prompt DiT's attentions (self-attention
+over the latent tokens, cross-attention to the condition tokens with its key bias) go through the
+same operator, the bias as its `attention_bias` input: at the embedded default's size a DiT step is
+mostly per-node overhead, and one node replaces the ~25 of an exported head split, scaled
+dot-product and head merge. Training and evaluation never enter it.
 
 Who runs the node: onnxruntime's CPU and CUDA providers (any onnxruntime build has the contrib
 operators). TensorRT does not know the com.microsoft domain; onnxruntime then runs that node on
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffprompt.training.models import prompt_dit
 from diffprompt.training.models.grounding import Attention
 
 ATTENTION_MODES = ("plain", "fused")  # --attention
@@ -43,23 +48,38 @@ CONTRIB_DOMAIN = "com.microsoft"
 CONTRIB_OPSET = {CONTRIB_DOMAIN: 1}  # torch.onnx.export(custom_opsets=...)
 
 
-class MultiHeadAttentionOp(torch.autograd.Function):
-    """softmax(q k^T / sqrt(D/H)) v per head; exports as com.microsoft::MultiHeadAttention.
+def _absent(g):
+    """An omitted optional input of an ONNX node."""
+    node = g.op("prim::Constant")
+    node.setType(torch._C.OptionalType.ofTensor())
+    return node
 
-    q, k, v: (B, N, D), heads laid out along D as `Attention` splits them -> (B, N, D).
+
+class MultiHeadAttentionOp(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D/H) + bias) v per head; exports as com.microsoft::MultiHeadAttention.
+
+    q (B, N, D), k, v (B, S, D), heads laid out along D as `Attention` splits them; bias None or
+    (B, 1, 1, S) additive over the keys -> (B, N, D).
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = q.shape
-        heads = lambda t: t.view(B, N, num_heads, D // num_heads).transpose(1, 2)  # (B, H, N, D/H)
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        heads = lambda t: t.view(B, t.shape[1], num_heads, D // num_heads).transpose(1, 2)  # (B, H, *, D/H)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias)
         return out.transpose(1, 2).reshape(B, N, D)
 
     @staticmethod
-    def symbolic(g, q, k, v, num_heads: int):
+    def symbolic(g, q, k, v, num_heads: int, bias=None):
         # scale: the operator's default, 1 / sqrt(head size), as scaled_dot_product_attention's
-        out = g.op(f"{CONTRIB_DOMAIN}::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
+        inputs = [q, k, v]
+        if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
+            # attention_bias (input 5) is (B, 1, N, S): the key bias repeated over the N queries
+            shape = g.op("Concat", g.op("Shape", bias, end_i=2), g.op("Shape", q, start_i=1, end_i=2),
+                         g.op("Shape", bias, start_i=3), axis_i=0)
+            inputs += [_absent(g), _absent(g), g.op("Expand", bias, shape)]
+        out = g.op(f"{CONTRIB_DOMAIN}::MultiHeadAttention", *inputs, num_heads_i=num_heads)
         out.setType(q.type())  # (B, N, D) as q: the exporter's shape inference does not know the operator
         return out
 
@@ -72,16 +92,32 @@ def _fused_forward(self: Attention, x: torch.Tensor, attn_bias: torch.Tensor | N
     return self.out_proj(out)
 
 
+def _fused_dit_forward(self: prompt_dit.Attention, x: torch.Tensor, context: torch.Tensor | None = None,
+                       key_bias: torch.Tensor | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+    """`prompt_dit.Attention.forward` (self- or cross-attention, precomputed keys/values) in one operator."""
+    if kv is None:
+        kv = self.kv(x if context is None else context)  # (B, S, 2D): keys, then values
+    k, v = kv.chunk(2, dim=-1)
+    return self.proj(MultiHeadAttentionOp.apply(self.q(x), k.contiguous(), v.contiguous(), self.num_heads, key_bias))
+
+
 @contextlib.contextmanager
 def fused_attention(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """While inside: `module`'s unmasked `Attention`s export as MultiHeadAttention (a no-op if not `enabled`)."""
-    patched = [m for m in module.modules() if isinstance(m, Attention)] if enabled else []
-    for m in patched:
-        m.forward = types.MethodType(_fused_forward, m)  # an instance attribute shadows the class's forward
+    """While inside: `module`'s unmasked foundation `Attention`s and every prompt-DiT attention export as
+    MultiHeadAttention (a no-op if not `enabled`)."""
+    patched = []
+    if enabled:
+        for m in module.modules():
+            if isinstance(m, Attention):
+                patched.append((m, _fused_forward))
+            elif isinstance(m, prompt_dit.Attention):
+                patched.append((m, _fused_dit_forward))
+    for m, forward in patched:
+        m.forward = types.MethodType(forward, m)  # an instance attribute shadows the class's forward
     try:
         yield
     finally:
-        for m in patched:
+        for m, _ in patched:
             del m.forward
 
 

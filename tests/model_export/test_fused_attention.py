@@ -49,6 +49,10 @@ def _in_tower(node: onnx.NodeProto, tower: str) -> bool:
     return f"/{tower}/" in node.name  # the exporter names nodes by module path: /foundation/vision_model/...
 
 
+def _in_dit(node: onnx.NodeProto) -> bool:
+    return node.name.startswith(("/context_blocks.", "/blocks.", "/dit/"))  # the prompt DiT's modules
+
+
 def test_the_parser_offers_the_modules_modes_and_default():
     action = next(a for a in build_parser()._actions if a.dest == "attention")
     assert sorted(action.choices) == sorted(ATTENTION_MODES) and action.default == DEFAULT_ATTENTION
@@ -58,7 +62,7 @@ def test_fused_graphs_run_the_vision_attention_as_one_contrib_node(pair, tiny_pi
     layers = DiffPromptPipeline.from_pretrained(tiny_pipeline_dir).foundation.config.vision.num_hidden_layers
     for graph in FOUNDATION_GRAPHS:
         fused, plain = _nodes(pair["fused"] / f"{graph}.onnx"), _nodes(pair["plain"] / f"{graph}.onnx")
-        mha = [n for n in fused if n.op_type == "MultiHeadAttention"]
+        mha = [n for n in fused if n.op_type == "MultiHeadAttention" and not _in_dit(n)]
         assert len(mha) == layers and all(n.domain == "com.microsoft" and _in_tower(n, "vision_model") for n in mha)
         assert not [n for n in fused if n.op_type == "Softmax" and _in_tower(n, "vision_model")], graph
         assert [n for n in fused if n.op_type == "Softmax" and _in_tower(n, "text_model")], graph  # text: plain
@@ -81,6 +85,40 @@ def test_fused_graphs_match_pytorch_and_the_plain_graphs(pair, tiny_pipeline_dir
     np.testing.assert_allclose(got["fused"].boxes, got["plain"].boxes, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(got["fused"].scores, got["plain"].scores, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(got["fused"].mask_logits, got["plain"].mask_logits, rtol=1e-3, atol=1e-4)
+
+
+def test_the_dits_attentions_are_one_node_each_in_the_fused_graphs(pair, tiny_pipeline_dir):
+    """The denoiser: a self- and a cross-attention node per DiT block (the cross one with the key bias as
+    its attention_bias) and no Softmax left; the condition encoder: one node per context block."""
+    dit = DiffPromptPipeline.from_pretrained(tiny_pipeline_dir).dit
+    denoiser = _nodes(pair["fused"] / "denoiser.onnx")
+    mha = [n for n in denoiser if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == 2 * dit.config.depth and not [n for n in denoiser if n.op_type == "Softmax"]
+    assert sum(len(n.input) == 6 and n.input[5] != "" for n in mha) == dit.config.depth  # cross: with the bias
+    assert [n for n in _nodes(pair["plain"] / "denoiser.onnx") if n.op_type == "Softmax"]
+    context = [n for n in _nodes(pair["fused"] / "condition_encoder.onnx")
+               if n.op_type == "MultiHeadAttention" and _in_dit(n)]
+    assert len(context) == dit.config.context_layers
+    assert len(denoiser) < len(_nodes(pair["plain"] / "denoiser.onnx"))
+
+
+def test_fused_dit_attention_computes_what_it_does_in_pytorch(tiny_pipeline_dir):
+    """Self-attention, cross-attention with a key bias (masked keys) and precomputed keys/values."""
+    dit = DiffPromptPipeline.from_pretrained(tiny_pipeline_dir).dit.eval()
+    block = dit.blocks[0]
+    D = dit.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, D, generator=g), torch.randn(2, 6, D, generator=g)
+    key_bias = torch.zeros(2, 1, 1, 6)
+    key_bias[1, ..., 4:] = -1e4  # the second sample's last two keys are padding
+    kv = block.cross_attn.kv(context)
+    with torch.no_grad():
+        want = (block.attn(x), block.cross_attn(x, context, key_bias), block.cross_attn(x, None, key_bias, kv))
+        with fused_attention(dit):
+            got = (block.attn(x), block.cross_attn(x, context, key_bias), block.cross_attn(x, None, key_bias, kv))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in vars(m) for m in dit.modules())
 
 
 def test_fused_attention_computes_what_attention_does_and_leaves_the_module_as_it_was(tiny_pipeline_dir):
