@@ -162,7 +162,7 @@ class PromptDiffusion(PretrainedModel):
         key_bias = ((1.0 - keep) * -1e4)[:, None, None, :].to(context.dtype)  # (B, 1, 1, S)
         for block in self.blocks:
             h = block(h, c, context, key_bias)  # (B, N, D)
-        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
+        shift, scale = self.final_modulation(c).split([self.config.hidden_size] * 2, dim=-1)  # (B, D) each
         h = modulate(self.norm_final(h), shift, scale)
         out, lo = [], 0
         for n in self.names:  # back to each tensor's width, then packed

@@ -184,6 +184,7 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cond_size: int, cross_attention: bool):
         super().__init__()
+        self.hidden_size = hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -199,7 +200,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, key_bias=None, cross_kv=None) -> torch.Tensor:
         """cross_kv (B, S, 2D): the cross-attention's keys and values of `context`, if computed beforehand."""
-        mods = self.adaLN_modulation(c).chunk(9 if self.cross_attention else 6, dim=-1)  # each (B, D)
+        # split with constant sizes: one Split node when exported (chunk exports shape arithmetic)
+        mods = self.adaLN_modulation(c).split([self.hidden_size] * (9 if self.cross_attention else 6), dim=-1)
         x = x + mods[2][:, None] * self.attn(modulate(self.norm1(x), mods[0], mods[1]))
         x = x + mods[5][:, None] * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
         if self.cross_attention:
@@ -211,12 +213,13 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, cond_size: int, patch_size: int, out_channels: int):
         super().__init__()
+        self.hidden_size = hidden_size
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(c).split([self.hidden_size] * 2, dim=-1)  # (B, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 

@@ -57,14 +57,19 @@ def grounding_loss(out, boxes: list[torch.Tensor]) -> torch.Tensor:
 
 
 def overfitted_offsets(pipeline: DiffPromptPipeline, model: PromptDiffusion, data: RecArrays, ids, mask,
-                       args: argparse.Namespace, device) -> Iterator[dict[str, np.ndarray]]:
+                       args: argparse.Namespace, device, log=None) -> Iterator[dict[str, np.ndarray]]:
     """{"offset": (B, F) float32} per batch in sample order: each expression's prompts after
-    `args.overfit_steps` Adam steps on its own loss, minus the base prompts (unscaled)."""
+    `args.overfit_steps` Adam steps on its own loss, minus the base prompts (unscaled). `log(str)`
+    hears about every quarter of the batches (the progress bar may be off)."""
     foundation, learner = pipeline.foundation, pipeline.learner
     batches = data.sequential_batches(args.frozen_batch_size)
     base = {n: v.detach() for n, v in model.base_prompts().items()}
-    for idx, pixels in tqdm(zip(batches, data.pixel_batches(batches, args.workers)), total=len(batches),
-                            desc="overfitting prompts", disable=not args.progress, leave=False):
+    started, quarter = time.time(), max(1, len(batches) // 4)
+    for k, (idx, pixels) in enumerate(tqdm(zip(batches, data.pixel_batches(batches, args.workers)),
+                                           total=len(batches), desc="overfitting prompts",
+                                           disable=not args.progress, leave=False)):
+        if log is not None and k and k % quarter == 0:
+            log(f"overfitting prompts: {k}/{len(batches)} batches ({time.time() - started:.0f}s)")
         values = {n: v.expand(len(idx), *v.shape).clone().requires_grad_(True) for n, v in base.items()}
         optimizer = torch.optim.Adam(values.values(), lr=args.overfit_lr)
         boxes = [data.boxes[i] for i in idx]
@@ -127,7 +132,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     directory = cache_dir(args) / f"prompt-targets-{key}"
     t0 = time.time()
     run.main_first(lambda: cached_rows(directory, len(train_data), lambda: overfitted_offsets(
-        pipeline, model, train_data, ids, mask, args, run.device)))  # rank 0 computes, the others read
+        pipeline, model, train_data, ids, mask, args, run.device, log.info)))  # rank 0 computes, the others read
     targets = RowArrays(directory).files["offset"]
     seconds["targets"] = time.time() - t0
     log.info(f"overfitted prompts of {len(train_data)} expressions in {directory} ({seconds['targets']:.0f}s)")
