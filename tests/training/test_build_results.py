@@ -231,7 +231,7 @@ def test_prompt_diffusion_rows_compare_each_learner_with_and_without_it():
     checks = data["checks"]
     shift_change = checks["coop + PD (5 steps): mean(shift) R@1 change (>= 2 points)"]
     assert shift_change == pytest.approx(100 * (0.35 * 0.99 - 0.30))
-    val_change = checks["coop + PD (5 steps): val R@1 change (>= -seed noise 1.41)"]
+    val_change = checks["coop + PD (5 steps): val R@1 change (>= -1.41, the base's seed noise)"]
     assert val_change == pytest.approx(100 * (0.40 * 0.99 - 0.41))
     assert checks["coop + PD: 5-step / 25-step R@1, mean of val, testA, testB (>= 0.98)"] == pytest.approx(0.99)
     assert "| CoOp + Prompt Diffusion | 5 |" in report.split("### Under distribution shift (R@1)")[1]
