@@ -12,11 +12,12 @@ is one val image and expression (the same sequence for every artifact), timed ar
 `runtime.ground` (wall clock, numpy glue included). Prints, per model and step count, the p50 of
 both, their ratio and the pipeline's p50 per stage (condition, sampler, prompt_builder, grounding).
 
-Models: `embedded` = the committed `checkpoints/diffprompt` (or --pipeline); `owlvit` = a random
-OWL-ViT B/32 at 768 px (benchmarks/owl_scale.py, full depth unless --owl-layers; random weights:
-cost, not accuracy). Mode: the paper's two-pass pipeline (the foundation runs unprompted for the
-DiT's conditions, then prompted), the only one built so far. The service's own overhead for the
-same request is benchmarks/service_overhead.py.
+`--attention fused plain` also times the pipeline exported with standard ONNX attention in the same
+rounds (what the fused operator buys). Models: `embedded` = the committed `checkpoints/diffprompt`
+(or --pipeline); `owlvit` = a random OWL-ViT B/32 at 768 px (benchmarks/owl_scale.py, full depth
+unless --owl-layers; random weights: cost, not accuracy). Mode: the paper's two-pass pipeline (the
+foundation runs unprompted for the DiT's conditions, then prompted), the only one built so far.
+The service's own overhead for the same request is benchmarks/service_overhead.py.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import numpy as np
 STAGES = ("condition", "sampler", "prompt_builder", "grounding")
 
 
-def export_pair(pipeline_dir: Path, work: Path, steps: list[int], threads: int) -> dict:
-    """{"foundation": runtime, steps: runtime, ...} for one pipeline directory (exports reused if present)."""
+def export_pair(pipeline_dir: Path, work: Path, steps: list[int], threads: int,
+                attentions: tuple[str, ...] = ("fused",)) -> dict:
+    """{"foundation": runtime, (attention, steps): runtime, ...} for one pipeline directory, the pipeline
+    exported with each of `attentions` (exports reused if present; the foundation alone: fused)."""
     from diffprompt.core.providers import ProviderConfig
     from diffprompt.core.runtime import GroundingRuntime
     from diffprompt.model_export.artifact import export_pipeline
@@ -42,13 +45,14 @@ def export_pair(pipeline_dir: Path, work: Path, steps: list[int], threads: int) 
     foundation_dir = Path(pipeline_dir) / json.loads((Path(pipeline_dir) / "pipeline.json").read_text())["foundation"]
     config = ProviderConfig(preferred=("cpu",), intra_op_threads=threads)
     runtimes = {}
-    targets = [("foundation", DiffPromptPipeline.foundation_only(foundation_dir), None)]
-    targets += [(s, pipeline, s) for s in steps]
-    for key, model, s in targets:
-        out = work / f"{key}" if key == "foundation" else work / f"pipeline-{s}steps"
+    targets = [("foundation", DiffPromptPipeline.foundation_only(foundation_dir), None, "fused")]
+    targets += [((a, s), pipeline, s, a) for a in attentions for s in steps]
+    for key, model, s, attention in targets:
+        suffix = "" if attention == "fused" else f"-{attention}"  # the default keeps the old folder names
+        out = work / "foundation" if key == "foundation" else work / f"pipeline-{s}steps{suffix}"
         if not (out / "manifest.json").exists():
             t0 = time.time()
-            export_pipeline(model, out, s, f"bench-{key}", progress=False)
+            export_pipeline(model, out, s, f"bench-{s}", progress=False, attention=attention)
             print(f"  exported {out} ({time.time() - t0:.0f} s)", flush=True)
         runtimes[key] = GroundingRuntime.load(out, config)
     return runtimes
@@ -86,14 +90,15 @@ def requests_for(runtime, data_dir: Path, n: int) -> list[tuple]:
 
 def measure(name: str, pipeline_dir: Path, work: Path, args) -> list[dict]:
     print(f"{name}: exporting and loading", flush=True)
-    runtimes = export_pair(pipeline_dir, work / name, args.steps, args.threads)
+    runtimes = export_pair(pipeline_dir, work / name, args.steps, args.threads, tuple(args.attention))
     requests = requests_for(runtimes["foundation"], Path(args.data_dir), 8)
     times = time_round_robin(runtimes, requests, args.warmup, args.repeats)
     base = float(np.median(times["foundation"]["total"]))
     rows = []
-    for s in args.steps:
-        t = times[s]
-        rows.append({"model": name, "mode": "two-pass", "steps": s, "foundation_p50_ms": 1e3 * base,
+    for attention, s in ((a, s) for a in args.attention for s in args.steps):
+        t = times[(attention, s)]
+        rows.append({"model": name, "mode": "two-pass", "attention": attention, "steps": s,
+                     "foundation_p50_ms": 1e3 * base,
                      "pipeline_p50_ms": 1e3 * float(np.median(t["total"])),
                      "ratio": float(np.median(t["total"])) / base,
                      **{f"{stage}_p50_ms": 1e3 * float(np.median(t[stage])) for stage in STAGES if t[stage]}})
@@ -103,11 +108,12 @@ def measure(name: str, pipeline_dir: Path, work: Path, args) -> list[dict]:
 def format_table(rows: list[dict], args) -> str:
     lines = [f"batch 1, {args.threads} intra-op thread(s), {args.repeats} timed rounds after {args.warmup} warm-up, "
              "artifacts round robin", "",
-             "| model | mode | DDIM steps | foundation alone p50 ms | pipeline p50 ms | pipeline / foundation "
-             "| condition | sampler | prompt builder | grounding |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | mode | attention | DDIM steps | foundation alone p50 ms | pipeline p50 ms "
+             "| pipeline / foundation | condition | sampler | prompt builder | grounding |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stages = " | ".join(f"{r.get(f'{s}_p50_ms', float('nan')):.1f}" for s in STAGES)
-        lines.append(f"| {r['model']} | {r['mode']} | {r['steps']} | {r['foundation_p50_ms']:.1f} | "
+        lines.append(f"| {r['model']} | {r['mode']} | {r['attention']} | {r['steps']} | {r['foundation_p50_ms']:.1f} | "
                      f"{r['pipeline_p50_ms']:.1f} | **{r['ratio']:.2f}x** | {stages} |")
     return "\n".join(lines)
 
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--owl-layers", type=int, default=None, help="layers per OWL tower (default: the base model's 12)")
     p.add_argument("--data-dir", default="data/synthetic")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 25])
+    p.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "plain"],
+                   help="export the pipeline with each (diffprompt export --attention), timed in the same rounds")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--owl-repeats", type=int, default=5, help="timed rounds for the OWL model (seconds each)")
     p.add_argument("--warmup", type=int, default=2)

@@ -11,16 +11,19 @@ from benchmarks import pipeline_cost
 def test_the_benchmark_times_foundation_and_pipeline_side_by_side(tiny_pipeline_dir, small_world, tmp_path, capsys):
     out = tmp_path / "rows.json"
     argv = ["--work", str(tmp_path / "work"), "--models", "embedded", "--pipeline", str(tiny_pipeline_dir),
-            "--data-dir", str(small_world), "--steps", "2", "3", "--repeats", "3", "--warmup", "1", "--out", str(out)]
+            "--data-dir", str(small_world), "--steps", "2", "3", "--attention", "fused", "plain",
+            "--repeats", "3", "--warmup", "1", "--out", str(out)]
     assert pipeline_cost.main(argv) == 0
     rows = json.loads(out.read_text())
-    assert [(r["model"], r["mode"], r["steps"]) for r in rows] == [("embedded", "two-pass", s) for s in (2, 3)]
+    assert [(r["model"], r["mode"], r["attention"], r["steps"]) for r in rows] == [
+        ("embedded", "two-pass", a, s) for a in ("fused", "plain") for s in (2, 3)]
     for r in rows:
         assert r["ratio"] == r["pipeline_p50_ms"] / r["foundation_p50_ms"] > 0
         assert all(r[f"{stage}_p50_ms"] > 0 for stage in pipeline_cost.STAGES)
     assert (tmp_path / "work" / "embedded" / "foundation" / "manifest.json").exists()  # the foundation alone
     printed = capsys.readouterr().out
-    assert "| embedded | two-pass | 3 |" in printed and "pipeline / foundation" in printed
+    assert "| embedded | two-pass | plain | 3 |" in printed and "pipeline / foundation" in printed
+    assert (tmp_path / "work" / "embedded" / "pipeline-3steps-plain" / "manifest.json").exists()
     mtime = (tmp_path / "work" / "embedded" / "pipeline-2steps" / "manifest.json").stat().st_mtime_ns
     assert pipeline_cost.main(argv) == 0  # exports are reused
     assert (tmp_path / "work" / "embedded" / "pipeline-2steps" / "manifest.json").stat().st_mtime_ns == mtime
