@@ -88,16 +88,17 @@ def requests_for(runtime, data_dir: Path, n: int) -> list[tuple]:
     return out
 
 
-def measure(name: str, pipeline_dir: Path, work: Path, args) -> list[dict]:
+def measure(name: str, pipeline_dir: Path, work: Path, repeats: int, args) -> list[dict]:
+    """One model's rows: `repeats` timed rounds over its foundation-alone and pipeline artifacts."""
     print(f"{name}: exporting and loading", flush=True)
     runtimes = export_pair(pipeline_dir, work / name, args.steps, args.threads, tuple(args.attention))
     requests = requests_for(runtimes["foundation"], Path(args.data_dir), 8)
-    times = time_round_robin(runtimes, requests, args.warmup, args.repeats)
+    times = time_round_robin(runtimes, requests, args.warmup, repeats)
     base = float(np.median(times["foundation"]["total"]))
     rows = []
     for attention, s in ((a, s) for a in args.attention for s in args.steps):
         t = times[(attention, s)]
-        rows.append({"model": name, "mode": "two-pass", "attention": attention, "steps": s,
+        rows.append({"model": name, "mode": "two-pass", "attention": attention, "steps": s, "rounds": repeats,
                      "foundation_p50_ms": 1e3 * base,
                      "pipeline_p50_ms": 1e3 * float(np.median(t["total"])),
                      "ratio": float(np.median(t["total"])) / base,
@@ -106,15 +107,15 @@ def measure(name: str, pipeline_dir: Path, work: Path, args) -> list[dict]:
 
 
 def format_table(rows: list[dict], args) -> str:
-    lines = [f"batch 1, {args.threads} intra-op thread(s), {args.repeats} timed rounds after {args.warmup} warm-up, "
+    lines = [f"batch 1, {args.threads} intra-op thread(s), timed rounds (per model) after {args.warmup} warm-up, "
              "artifacts round robin", "",
              "| model | mode | attention | DDIM steps | foundation alone p50 ms | pipeline p50 ms "
-             "| pipeline / foundation | condition | sampler | prompt builder | grounding |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pipeline / foundation | condition | sampler | prompt builder | grounding | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         stages = " | ".join(f"{r.get(f'{s}_p50_ms', float('nan')):.1f}" for s in STAGES)
         lines.append(f"| {r['model']} | {r['mode']} | {r['attention']} | {r['steps']} | {r['foundation_p50_ms']:.1f} | "
-                     f"{r['pipeline_p50_ms']:.1f} | **{r['ratio']:.2f}x** | {stages} |")
+                     f"{r['pipeline_p50_ms']:.1f} | **{r['ratio']:.2f}x** | {stages} | {r['rounds']} |")
     return "\n".join(lines)
 
 
@@ -137,16 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         if name == "embedded":
-            rows += measure(name, args.pipeline, args.work, args)
+            rows += measure(name, args.pipeline, args.work, args.repeats, args)
         else:
             from benchmarks.owl_scale import build_random_owl_pipeline
 
             owl = args.work / "owlvit-model"
             if not (owl / "diffprompt" / "pipeline.json").exists():
                 build_random_owl_pipeline(owl, "owlvit", args.owl_layers)
-            repeats, args.repeats = args.repeats, args.owl_repeats
-            rows += measure("owlvit-b32-768", owl / "diffprompt", args.work, args)
-            args.repeats = repeats
+            rows += measure("owlvit-b32-768", owl / "diffprompt", args.work, args.owl_repeats, args)
     print(format_table(rows, args))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))

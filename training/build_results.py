@@ -326,6 +326,11 @@ def _seconds(values: list) -> str:
     return f"{np.mean(known):.0f}" if len(known) == len(values) and known else "n/a"
 
 
+def _mean_over(ev: dict, splits) -> list[float]:
+    """Per run (training seed, sampling seed): the mean R@1 over `splits`."""
+    return [float(np.mean(v)) for v in zip(*(ev[sp]["R@1"] for sp in splits))]
+
+
 def shift_table(table: dict, shown: list[tuple[str, str]]) -> list[str]:
     """Report lines: R@1 of the main table's rows on val / testA / testB beside the shift splits they were
     evaluated on (n/a: a job from before the shift splits, or run without them). No choice is made here."""
@@ -342,16 +347,11 @@ def shift_table(table: dict, shown: list[tuple[str, str]]) -> list[str]:
         ev = table[row][steps]
         cells = [_stat(ev[sp]["R@1"]) if sp in ev else "n/a" for sp in columns]
         if all(sp in ev for sp in shifts):
-            mean_shift = _stat([float(np.mean(v)) for v in zip(*(ev[sp]["R@1"] for sp in shifts))])
+            mean_shift = _stat(_mean_over(ev, shifts))
         else:
             mean_shift = "n/a"
         lines.append(f"| {LABELS[row]} | {steps if steps != '0' else '-'} | {' | '.join(cells)} | {mean_shift} |")
     return lines
-
-
-def _mean_over(ev: dict, splits) -> list[float]:
-    """Per run (training seed, sampling seed): the mean R@1 over `splits`."""
-    return [float(np.mean(v)) for v in zip(*(ev[sp]["R@1"] for sp in splits))]
 
 
 def prompt_diffusion_table(results: list[dict], table: dict) -> tuple[list[str], dict]:
@@ -414,6 +414,41 @@ def prompt_diffusion_table(results: list[dict], table: dict) -> tuple[list[str],
     return lines, checks
 
 
+def ablation_tables(results: list[dict], table: dict, seeds: list[int]) -> list[str]:
+    """Report lines of Diff-Prompt's ablations (DDIM steps, prompt depth, the adapters' mask input), all
+    from token-conditioning jobs; none when the run had no such job."""
+    tokens_runs = [(job, r) for job, r in ((Job(**r["job"]), r) for r in results) if job.conditioning == "tokens"]
+    if not tokens_runs:
+        return []
+    lines = ["", "### Ablation: DDIM steps (token conditioning, depth 9)", "",
+              "| DDIM steps | val R@1 | testA R@1 | testB R@1 |", "|---|---|---|---|"]
+    for steps in sorted((k for k in table.get("diffprompt-tokens", {}) if not k.startswith("_")), key=int):
+        lines.append(f"| {steps} | " + " | ".join(_stat(table["diffprompt-tokens"][steps][sp]["R@1"]) for sp in SPLITS)
+                     + " |")
+    lines += ["", f"### Ablation: prompt depth (token conditioning, 25 DDIM steps, seed {seeds[0]})", "",
+              "| depth (image / text layers) | trainable params | val R@1 | testA R@1 | testB R@1 |",
+              "|---|---|---|---|---|"]
+    depth_runs = [(job, r) for job, r in tokens_runs
+                  if job.seed == seeds[0] and job.mask_input == "standardize" and "25" in r["eval"]]
+    for job, r in sorted(depth_runs, key=lambda jr: jr[0].depth):
+        d = job.depth
+        ev = r["eval"]["25"]
+        same = " = depth 6 (the image tower has 6 layers)" if d == 9 else ""
+        lines.append(f"| {d} ({min(d, 6)} / {min(d, 3)}){same} | {r['trainable_parameters']:,} | "
+                     + " | ".join(f"{100 * ev[sp]['R@1']:.2f}" for sp in SPLITS) + " |")
+
+    lines += ["", "### Ablation: the adapters' mask input (token conditioning, depth 9, 25 DDIM steps)", "",
+              "| mask input | val R@1 | testA R@1 | testB R@1 | mean(testA, testB) R@1 |", "|---|---|---|---|---|"]
+    for mask_input, label in (("standardize", "standardised per mask (default)"), ("tanh", "tanh of the logits")):
+        runs = [r["eval"]["25"] for job, r in tokens_runs
+                if job.depth == 9 and job.mask_input == mask_input and "25" in r["eval"]]
+        if runs:
+            mean_ab = [(ev["testA"]["R@1"] + ev["testB"]["R@1"]) / 2 for ev in runs]
+            lines.append(f"| {label} | " + " | ".join(_stat([ev[sp]["R@1"] for ev in runs]) for sp in SPLITS)
+                         + f" | {_stat(mean_ab)} |")
+    return lines
+
+
 def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str, dict]:
     table = aggregate(results)
     lines = [f"Produced by `{cmd}`. Mean ± sample std over training seeds {seeds} and, for Diff-Prompt, "
@@ -434,7 +469,7 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
                 continue
             cells = [" / ".join(_stat(table[row][steps][sp][m]) for m in ("R@1", "R@5", "UB")) for sp in SPLITS]
             ev = table[row][steps]
-            mean_ab = [(a + b) / 2 for a, b in zip(ev["testA"]["R@1"], ev["testB"]["R@1"])]
+            mean_ab = _mean_over(ev, ("testA", "testB"))
             means[(row, steps)] = {"mean_ab": float(np.mean(mean_ab)),
                                    **{sp: float(np.mean(ev[sp]["R@1"])) for sp in SPLITS}}
             label = LABELS[row] + (f" (weights {sorted(set(table[row]['_pointer_weight']))})"
@@ -446,39 +481,8 @@ def render_report(results: list[dict], cmd: str, seeds: list[int]) -> tuple[str,
     pd_lines, pd_checks = prompt_diffusion_table(results, table)
     lines += pd_lines
 
-    # ablations (Diff-Prompt's; none when the run had no Diff-Prompt job)
-    ablation_start = len(lines)
-    lines += ["", "### Ablation: DDIM steps (token conditioning, depth 9)", "",
-              "| DDIM steps | val R@1 | testA R@1 | testB R@1 |", "|---|---|---|---|"]
-    for steps in sorted((k for k in table.get("diffprompt-tokens", {}) if not k.startswith("_")), key=int):
-        lines.append(f"| {steps} | " + " | ".join(_stat(table["diffprompt-tokens"][steps][sp]["R@1"]) for sp in SPLITS)
-                     + " |")
-    lines += ["", f"### Ablation: prompt depth (token conditioning, 25 DDIM steps, seed {seeds[0]})", "",
-              "| depth (image / text layers) | trainable params | val R@1 | testA R@1 | testB R@1 |",
-              "|---|---|---|---|---|"]
-    tokens_runs = [(job, r) for job, r in ((Job(**r["job"]), r) for r in results) if job.conditioning == "tokens"]
-    depth_runs = [(job, r) for job, r in tokens_runs
-                  if job.seed == seeds[0] and job.mask_input == "standardize" and "25" in r["eval"]]
-    for job, r in sorted(depth_runs, key=lambda jr: jr[0].depth):
-        d = job.depth
-        ev = r["eval"]["25"]
-        same = " = depth 6 (the image tower has 6 layers)" if d == 9 else ""
-        lines.append(f"| {d} ({min(d, 6)} / {min(d, 3)}){same} | {r['trainable_parameters']:,} | "
-                     + " | ".join(f"{100 * ev[sp]['R@1']:.2f}" for sp in SPLITS) + " |")
+    lines += ablation_tables(results, table, seeds)
 
-    lines += ["", "### Ablation: the adapters' mask input (token conditioning, depth 9, 25 DDIM steps)", "",
-              "| mask input | val R@1 | testA R@1 | testB R@1 | mean(testA, testB) R@1 |", "|---|---|---|---|---|"]
-    for mask_input, label in (("standardize", "standardised per mask (default)"), ("tanh", "tanh of the logits")):
-        runs = [r["eval"]["25"] for job, r in tokens_runs
-                if job.depth == 9 and job.mask_input == mask_input and "25" in r["eval"]]
-        if runs:
-            mean_ab = [(ev["testA"]["R@1"] + ev["testB"]["R@1"]) / 2 for ev in runs]
-            lines.append(f"| {label} | " + " | ".join(_stat([ev[sp]["R@1"] for ev in runs]) for sp in SPLITS)
-                         + f" | {_stat(mean_ab)} |")
-
-    if not any(line.startswith("| ") and not line.startswith(("| DDIM", "| depth", "| mask input"))
-               for line in lines[ablation_start:]):
-        del lines[ablation_start:]
     # acceptance checks
     checks = {}
     best_mode = choose_on_val(means, MODES, SERVED_STEPS) or choose_on_val(means, MODES, "25")

@@ -175,6 +175,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         return run.finish({})
 
     # 4. val R@1 of the base prompts and of the generated ones (EMA weights), then the pipeline directory
+    t0 = time.time()
     with ema.applied(model.parameters()):
         model.eval()
         base_r1 = evaluate_samples(pipeline, tokenizer, val_samples, batch_size=args.frozen_batch_size,
@@ -185,7 +186,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         log.info(f"val R@1: base {learner.method} {base_r1:.4f}, with prompt diffusion ({args.solver}, "
                  f"{args.steps} steps) {pd_r1:.4f}")
         history.append({"step": args.train_steps, "val_R@1_base": base_r1, "val_R@1": pd_r1})
-        seconds["validation"] = time.time() - t0 - seconds["diffusion"]
+        seconds["validation"] = time.time() - t0
         summary = {"base": str(base_dir), "method": learner.method, "seconds": time.time() - started,
                    "seconds_by_part": seconds,  # load, conditions, targets (0 when cached), diffusion, validation
                    "parameters": sum(p.numel() for p in model.parameters()), "history": history,
