@@ -40,6 +40,7 @@ from diffprompt.core.tokenizer import TOKENIZER_FILE
 from diffprompt.model_export.float16 import PRECISIONS, to_float16
 from diffprompt.model_export.fused_attention import DEFAULT_ATTENTION, check_attention_mode
 from diffprompt.model_export.graphs import (
+    PROMPT_CONDITIONS,
     ConditionEncoder,
     Denoiser,
     Grounding,
@@ -185,7 +186,8 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
     diffprompt = learner is not None and learner.needs_masks
 
     if diffprompt:
-        enc = ConditionEncoder(foundation, pipeline.dit.eval())
+        pd = pipeline.prompt_diffusion.eval() if pipeline.prompt_diffusion is not None else None
+        enc = ConditionEncoder(foundation, pipeline.dit.eval(), prompt_conditions=pd is not None)
         with torch.no_grad():
             cond = enc(pixels, ids, mask)
         jobs.append(("condition_encoder", enc, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
@@ -198,11 +200,18 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
         latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(1))
         jobs.append(("denoiser", den, (latents, torch.tensor([99, 3]), *used),
                      ["latents", "timesteps", *den.condition_names], ["model_output"]))
-        builder = PromptBuilder(pipeline.vae.eval(), learner.eval())
+        builder = PromptBuilder(pipeline.vae.eval(), learner.eval(), pd)
         kept = torch.randn(2, learner.mask_layers, c.latent_channels, c.latent_size, c.latent_size)
+        builder_inputs, builder_names = (kept,), ["kept_latents"]
+        if pd is not None:  # Prompt Diffusion on the global prompts: its denoiser, and offsets into the builder
+            x = torch.randn(2, pd.num_features, generator=torch.Generator().manual_seed(2))
+            jobs.append(("prompt_denoiser", PromptDenoiser(pd), (x, torch.tensor([99, 3]),
+                                                                 *(produced[n] for n in PROMPT_CONDITIONS)),
+                         ["x", "timesteps", *PROMPT_CONDITIONS], ["x0"]))
+            builder_inputs, builder_names = (kept, x), ["kept_latents", "prompt_offsets"]
         with torch.no_grad():
-            vp, tp, _ = builder(kept)
-        jobs.append(("prompt_builder", builder, (kept,), ["kept_latents"],
+            vp, tp, _ = builder(*builder_inputs)
+        jobs.append(("prompt_builder", builder, builder_inputs, builder_names,
                      ["vision_prompts", "text_prompts", "mask_logits"]))
         ground = Grounding(foundation, learner.eval())
         jobs.append(("grounding", ground, (pixels, ids, mask, vp, tp),

@@ -10,7 +10,7 @@
                        (image_embed, text_embed [, cross_kv, key_bias, maps]: the context only through
                        its precomputed cross-attention keys and values)
                        -> model_output (B,C,h,w)            (one DDIM step's network call)
-    prompt_builder     kept_latents (B,n,C,h,w)
+    prompt_builder     kept_latents (B,n,C,h,w) [, prompt_offsets (B,F): Prompt Diffusion's global prompts]
                        -> vision_prompts (B,dv,L,Dv), text_prompts (B,dt,L,Dt), mask_logits (B,n,1,m,m)
     grounding          pixel_values, input_ids, attention_mask [, vision_prompts, text_prompts]
                        -> logits (B,P), boxes (B,P,4) cxcywh in [0, 1] of the input square
@@ -23,6 +23,10 @@ Prompt Diffusion artifacts (a base learner whose prompts are generated per query
     prompt_denoiser    x (B,F), timesteps (B,) int64, + the prompt_conditions outputs -> x0 (B,F)
     grounding          pixel_values, input_ids, attention_mask, prompt_offsets (B,F)
                        -> logits, boxes: the learner run with base prompts + the generated offsets
+
+Prompt Diffusion on Diff-Prompt's global prompts keeps the four Diff-Prompt graphs and adds the
+prompt_denoiser: the condition_encoder also outputs the prompt conditions (one unprompted pass for
+both samplers) and the prompt_builder also takes the sampled prompt_offsets.
 
 The DDIM loop between denoiser calls runs in numpy (diffprompt/core/ddim.py) from the schedule
 table in the manifest, so one denoiser graph serves every step count; the artifact still
@@ -49,20 +53,29 @@ from diffprompt.training.models.prompt_diffusion import PromptDiffusion
 from diffprompt.training.models.prompt_dit import PromptDiT
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 
+# What the prompt denoiser reads: the unprompted foundation's pooled embeddings and tokens
+PROMPT_CONDITIONS = ("image_embed", "text_embed", "image_tokens", "text_tokens", "text_mask")
+
 
 class ConditionEncoder(nn.Module):
-    """The frozen foundation's unprompted conditions, then the DiT's condition-only part."""
+    """The frozen foundation's unprompted conditions, then the DiT's condition-only part. With
+    `prompt_conditions` (Prompt Diffusion on Diff-Prompt's global prompts) it also outputs what the
+    prompt denoiser reads (PROMPT_CONDITIONS), from the same unprompted pass."""
 
-    def __init__(self, foundation: GroundingModel, dit: PromptDiT):
+    def __init__(self, foundation: GroundingModel, dit: PromptDiT, prompt_conditions: bool = False):
         super().__init__()
         self.foundation, self.dit = foundation, dit
         self.output_names = list(dit.prepared_names)
+        if prompt_conditions:
+            self.output_names += [n for n in PROMPT_CONDITIONS if n not in self.output_names]
 
     def forward(self, pixel_values, input_ids, attention_mask):
-        tokens = self.dit.config.conditioning == "tokens"
-        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=tokens)
-        prepared = self.dit.prepare_conditions(**cond)
-        return tuple(prepared[k] for k in self.output_names)
+        token_dit = self.dit.config.conditioning == "tokens"
+        tokens = token_dit or "image_tokens" in self.output_names
+        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=tokens,
+                                     patch_scores=token_dit)
+        prepared = self.dit.prepare_conditions(**cond)  # its image_embed / text_embed are cond's, unchanged
+        return tuple(prepared[k] if k in prepared else cond[k] for k in self.output_names)
 
 
 class Denoiser(nn.Module):
@@ -78,19 +91,20 @@ class Denoiser(nn.Module):
 
 
 class PromptBuilder(nn.Module):
-    def __init__(self, vae, learner: PromptLearner):
-        super().__init__()
-        self.vae, self.learner = vae, learner
+    """Kept latents -> masks -> Diff-Prompt's prompts. With a Prompt Diffusion model its global prompts
+    are the base ones + the generated offsets (a second input, prompt_offsets (B, F))."""
 
-    def forward(self, kept_latents):
+    def __init__(self, vae, learner: PromptLearner, prompt_diffusion: PromptDiffusion | None = None):
+        super().__init__()
+        self.vae, self.learner, self.prompt_diffusion = vae, learner, prompt_diffusion
+
+    def forward(self, kept_latents, prompt_offsets=None):
         B, n = kept_latents.shape[:2]
         logits = decode_latents(self.vae, kept_latents.flatten(0, 1))  # (B*n, 1, m, m)
         masks = logits.view(B, n, *logits.shape[1:])
-        vision, text = self.learner.prompts(B, masks)
+        values = None if self.prompt_diffusion is None else self.prompt_diffusion.prompts(prompt_offsets)
+        vision, text = self.learner.prompts(B, masks, values)
         return vision, text, masks
-
-
-PROMPT_CONDITIONS = ("image_embed", "text_embed", "image_tokens", "text_tokens", "text_mask")
 
 
 class PromptConditions(nn.Module):

@@ -201,6 +201,9 @@ def write_triton_repository(artifact_dir: str | Path, out_dir: str | Path, max_b
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
     manifest = validate_artifact(artifact_dir)
     graphs = manifest.graphs
+    if manifest.prompt_sampler is not None:
+        raise ArtifactError(f"{artifact_dir}: a Prompt Diffusion artifact (its prompt solver loop is not written "
+                            "as a Triton model); serve it with `python -m diffprompt.service`")
     names = list(GRAPHS) if manifest.makes_masks else ["grounding"]
     if set(graphs) != set(names):
         raise ArtifactError(f"{artifact_dir}: graphs {sorted(graphs)}, expected {sorted(names)}")

@@ -48,11 +48,14 @@ from diffprompt.training.options import add_image_root_arg
 
 SPLITS = ("val", "testA", "testB")  # the main table's; choices are made on val
 BASELINES = ("vpt", "coop", "maple", "clip_adapter", "linear_probe")
-PD_BASES = ("vpt", "coop", "maple")  # the learners with prompt tensors Prompt Diffusion plugs into
+PD_BASES = ("vpt", "coop", "maple", "diffprompt")  # the learners with prompt tensors Prompt Diffusion plugs into
+# the table row (and job name prefix) of each base's own learner: Diff-Prompt's is its token-conditioning mode
+PD_BASE_ROWS = {"vpt": "vpt", "coop": "coop", "maple": "maple", "diffprompt": "diffprompt-tokens"}
 LABELS = {"foundation": "Frozen foundation (zero-shot)", "vpt": "VPT-deep", "coop": "CoOp (deep text prompts)",
           "maple": "MaPLe", "clip_adapter": "CLIP-Adapter", "linear_probe": "Linear probe (heads)",
           "vpt-pd": "VPT-deep + Prompt Diffusion", "coop-pd": "CoOp + Prompt Diffusion",
           "maple-pd": "MaPLe + Prompt Diffusion",
+          "diffprompt-pd": "Diff-Prompt (tokens) + Prompt Diffusion on its global prompts",
           "pointer": "Pointer ranking (foundation's boxes, DiT pointer head; no diffusion, no prompts)",
           "pointer-fused": "Foundation + pointer fusion (no diffusion, no prompts; weight chosen on val)",
           "diffprompt-pooled": "Diff-Prompt, pooled conditioning (paper)",
@@ -91,7 +94,7 @@ class Job:
     @property
     def base_job(self) -> str | None:
         """The job whose trained learner a Prompt Diffusion job starts from (it runs after that one)."""
-        return f"{self.method}-s{self.seed}" if self.prompt_diffusion else None
+        return f"{PD_BASE_ROWS[self.method]}-s{self.seed}" if self.prompt_diffusion else None
 
     @property
     def stochastic(self) -> bool:
@@ -227,8 +230,9 @@ def train_prompt_diffusion_job(job: Job, cfg: dict, out: Path) -> dict:
     if cfg.get("pd_train_steps"):
         argv += ["--train-steps", str(cfg["pd_train_steps"])]
     trained = train(build_parser().parse_args(argv))
+    base_seconds = base_result["train_seconds"]  # None: a generator of the base was not timed here
     return {"trainable_parameters": base_result["trainable_parameters"] + trained["parameters"],
-            "train_seconds": base_result["train_seconds"] + trained["seconds"],
+            "train_seconds": None if base_seconds is None else base_seconds + trained["seconds"],
             "stage_seconds": {"base": base_result["train_seconds"], **trained["seconds_by_part"]},
             "prompt_diffusion_parameters": trained["parameters"],
             "base_parameters": base_result["trainable_parameters"]}
@@ -358,10 +362,10 @@ def prompt_diffusion_table(results: list[dict], table: dict) -> tuple[list[str],
     """Report lines and acceptance checks of each base learner with and without Prompt Diffusion: R@1 in
     domain and under shift (mean ± std over runs), the change, 5 against 25 solver steps, trainable
     parameters and seconds per stage. Nothing is chosen here."""
-    pairs = [b for b in PD_BASES if b in table and f"{b}-pd" in table]
+    pairs = [b for b in PD_BASES if PD_BASE_ROWS[b] in table and f"{b}-pd" in table]
     if not pairs:
         return [], {}
-    shifts = [sp for sp in SHIFT_SPLITS if all(sp in table[r][s] for b in pairs for r in (b, f"{b}-pd")
+    shifts = [sp for sp in SHIFT_SPLITS if all(sp in table[r][s] for b in pairs for r in (PD_BASE_ROWS[b], f"{b}-pd")
                                                for s in table[r] if not s.startswith("_"))]
     lines = ["", "### Prompt Diffusion on each prompt learner (R@1)", "",
              "Base = the learner's own prompts; + PD = prompts generated per query by DPM-Solver++ at the given "
@@ -373,21 +377,26 @@ def prompt_diffusion_table(results: list[dict], table: dict) -> tuple[list[str],
              "|---|---|---|---|---|---|---|---|"]
     checks = {}
     for b in pairs:
-        base, pd = table[b]["0"], table[f"{b}-pd"]
+        # the base's own prompts: learned (steps "0"), or Diff-Prompt's with sampled masks, each + PD row
+        # compared with it at the same steps (its served steps on the base row)
+        own, pd = table[PD_BASE_ROWS[b]], table[f"{b}-pd"]
+        base_steps = "0" if "0" in own else SERVED_STEPS
+        base = own[base_steps]
         noise_val = 100 * float(np.std(base["val"]["R@1"], ddof=1)) if len(base["val"]["R@1"]) > 1 else float("nan")
         base_shift = _mean_over(base, shifts) if shifts else []
         noise_shift = 100 * float(np.std(base_shift, ddof=1)) if len(base_shift) > 1 else float("nan")
-        base_ab = _mean_over(base, ("testA", "testB"))
         noise = (f"{noise_val:.2f} / {noise_shift:.2f}" if np.isfinite(noise_val)
                  else "n/a (one training seed)")
-        lines.append(f"| {LABELS[b]} | - | {_stat(base['val']['R@1'])} | {_stat(base_ab)} | "
+        lines.append(f"| {LABELS[PD_BASE_ROWS[b]]} | {'-' if base_steps == '0' else base_steps} | "
+                     f"{_stat(base['val']['R@1'])} | {_stat(_mean_over(base, ('testA', 'testB')))} | "
                      f"{_stat(base_shift) if shifts else 'n/a'} | | | {noise} |")
         for steps in sorted((k for k in pd if not k.startswith("_")), key=lambda k: -int(k)):
-            ev = pd[steps]
-            d_val = 100 * (np.mean(ev["val"]["R@1"]) - np.mean(base["val"]["R@1"]))
-            d_ab = 100 * (np.mean(_mean_over(ev, ("testA", "testB"))) - np.mean(base_ab))
-            d_shift = 100 * (np.mean(_mean_over(ev, shifts)) - np.mean(base_shift)) if shifts else float("nan")
-            lines.append(f"| {LABELS[b]} + PD | {steps} | {_stat(ev['val']['R@1'])} | "
+            ev, ref = pd[steps], own.get(steps, base) if base_steps != "0" else base
+            d_val = 100 * (np.mean(ev["val"]["R@1"]) - np.mean(ref["val"]["R@1"]))
+            d_ab = 100 * (np.mean(_mean_over(ev, ("testA", "testB"))) - np.mean(_mean_over(ref, ("testA", "testB"))))
+            d_shift = (100 * (np.mean(_mean_over(ev, shifts)) - np.mean(_mean_over(ref, shifts))) if shifts
+                       else float("nan"))
+            lines.append(f"| {LABELS[PD_BASE_ROWS[b]]} + PD | {steps} | {_stat(ev['val']['R@1'])} | "
                          f"{_stat(_mean_over(ev, ('testA', 'testB')))} | "
                          f"{_stat(_mean_over(ev, shifts)) if shifts else 'n/a'} | {d_val:+.2f} / {d_ab:+.2f} | "
                          f"{d_shift:+.2f} | |")
@@ -407,10 +416,12 @@ def prompt_diffusion_table(results: list[dict], table: dict) -> tuple[list[str],
         runs = [r for r in results if Job(**r["job"]).row == f"{b}-pd" and "stage_seconds" in r]
         if not runs:
             continue
-        sec = lambda k, runs=runs: f"{np.mean([r['stage_seconds'].get(k, np.nan) for r in runs]):.0f}"
-        lines.append(f"| {LABELS[b]} | {runs[0]['base_parameters']:,} | {runs[0]['prompt_diffusion_parameters']:,} | "
-                     f"{sec('base')} | {sec('conditions')} | {sec('targets')} | {sec('diffusion')} | "
-                     f"{sec('validation')} | {np.mean([r['train_seconds'] for r in runs]):.0f} |")
+        # None (a part not timed here) counts as nan
+        sec = lambda k, runs=runs: f"{np.mean([r['stage_seconds'].get(k) or np.nan for r in runs]):.0f}"
+        total = np.mean([np.nan if r["train_seconds"] is None else r["train_seconds"] for r in runs])
+        lines.append(f"| {LABELS[PD_BASE_ROWS[b]]} | {runs[0]['base_parameters']:,} | "
+                     f"{runs[0]['prompt_diffusion_parameters']:,} | {sec('base')} | {sec('conditions')} | "
+                     f"{sec('targets')} | {sec('diffusion')} | {sec('validation')} | {total:.0f} |")
     return lines, checks
 
 

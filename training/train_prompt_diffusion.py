@@ -26,7 +26,8 @@ def main(args: argparse.Namespace) -> dict:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
-    p.add_argument("--base", required=True, help="a train-prompts pipeline directory (coop, vpt or maple)")
+    p.add_argument("--base", required=True,
+                   help="a train-prompts pipeline directory (coop, vpt, maple, or diffprompt: its global prompts)")
     add_run_args(p, output="<base>_prompt_diffusion")
     p.add_argument("--overfit-steps", type=positive_int, default=5,
                    help="Adam steps that overfit the base prompts to each train expression alone")
@@ -39,7 +40,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--depth", type=positive_int, default=3, help="DiT blocks")
     p.add_argument("--num-heads", type=positive_int, default=4)
     p.add_argument("--solver", default="dpm", choices=SOLVERS, help="how prompts are sampled: DPM-Solver++ or DDIM")
-    p.add_argument("--steps", type=positive_int, default=5, help="solver steps for the val check")
+    p.add_argument("--steps", type=positive_int, default=5,
+                   help="solver steps for the val check (Diff-Prompt: also the DDIM steps of the masks its "
+                        "global prompts are overfitted with)")
     p.add_argument("--frozen-batch-size", type=positive_int, default=64,
                    help="expressions per pass of the frozen models (conditions, overfitting, validation)")
     p.add_argument("--log-every", type=positive_int, default=200)

@@ -70,8 +70,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--depth", type=int, default=9, help="prompted layers from the input (capped per tower)")
     p.add_argument("--length", type=int, default=8, help="prompt tokens per layer")
     p.add_argument("--prompt-diffusion", action="store_true",
-                   help="then Prompt Diffusion on the trained prompts (coop, vpt, maple), with the defaults of "
-                        "`diffprompt train-prompt-diffusion`, into the same --output")
+                   help="then Prompt Diffusion on the trained prompts (coop, vpt, maple; diffprompt: its global "
+                        "prompts), with the defaults of `diffprompt train-prompt-diffusion`, into the same --output")
     p.add_argument("--prompt-diffusion-steps", type=positive_int, default=None,
                    help="--prompt-diffusion: its DiT's training steps (default: train-prompt-diffusion's)")
     add_run_args(p, output="runs/<method>")

@@ -91,7 +91,7 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
     if len(seeds) != len(base["pixel_values"]):
         raise ValueError(f"{len(seeds)} seeds for a batch of {len(base['pixel_values'])}")
-    if manifest.prompt_sampler is not None:
+    if manifest.prompt_sampler is not None and manifest.sampler is None:
         return _run_prompt_diffusion(infer, manifest, base, seeds, clock)
     if manifest.sampler is None:
         t0 = clock()
@@ -103,8 +103,11 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
                           infer("condition_encoder", base, _outputs(manifest, "condition_encoder"))))
     t1 = clock()
     kept = sample_kept_latents(infer, manifest, conditions, seeds)
+    builder_feeds = {"kept_latents": kept}
+    if manifest.prompt_sampler is not None:  # Prompt Diffusion on the global prompts, from the same conditions
+        builder_feeds["prompt_offsets"] = _sample_prompt_offsets(infer, manifest, conditions, seeds)
     t2 = clock()
-    vision, text, masks = infer("prompt_builder", {"kept_latents": kept}, _outputs(manifest, "prompt_builder"))
+    vision, text, masks = infer("prompt_builder", builder_feeds, _outputs(manifest, "prompt_builder"))
     t3 = clock()
     logits, boxes = infer("grounding", {**base, "vision_prompts": vision, "text_prompts": text},
                           _outputs(manifest, "grounding"))
@@ -121,23 +124,32 @@ def _run_prompt_diffusion(infer: Infer, manifest: Manifest, base: dict[str, np.n
                           clock: Callable[[], float]) -> GroundingResult:
     """Prompt Diffusion: the unprompted foundation's conditions, the solver loop over the prompt
     denoiser from seeded noise (one PCG64 stream per seed), then grounding with the generated prompts."""
-    sampler = manifest.prompt_sampler
     t0 = clock()
     cond_names = _outputs(manifest, "prompt_conditions")
     conditions = dict(zip(cond_names, infer("prompt_conditions", base, cond_names)))
     t1 = clock()
-    out = _outputs(manifest, "prompt_denoiser")
-
-    def denoise(x: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        return infer("prompt_denoiser", {"x": x, "timesteps": timesteps, **conditions}, out)[0]
-
-    offsets = sample_offsets(denoise, sampler, initial_noise(seeds, (sampler.num_features,)))  # (B, F)
+    offsets = _sample_prompt_offsets(infer, manifest, conditions, seeds)  # (B, F)
     t2 = clock()
     logits, boxes = infer("grounding", {**base, "prompt_offsets": offsets}, _outputs(manifest, "grounding"))
     t3 = clock()
     seconds = {"condition": t1 - t0, "sampler": t2 - t1, "grounding": t3 - t2}
     return _with_no_match(manifest, GroundingResult(sigmoid(logits), boxes, None, seconds), base["attention_mask"],
                           conditions)
+
+
+def _sample_prompt_offsets(infer: Infer, manifest: Manifest, conditions: dict[str, np.ndarray],
+                           seeds: Sequence[int]) -> np.ndarray:
+    """Prompt Diffusion's solver loop over the prompt_denoiser graph from seeded noise -> packed
+    offsets (B, F). `conditions` holds (at least) every input of the graph but x and timesteps."""
+    sampler = manifest.prompt_sampler
+    out = _outputs(manifest, "prompt_denoiser")
+    feeds = {t.name: conditions[t.name] for t in manifest.graphs["prompt_denoiser"].inputs
+             if t.name not in ("x", "timesteps")}
+
+    def denoise(x: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        return infer("prompt_denoiser", {"x": x, "timesteps": timesteps, **feeds}, out)[0]
+
+    return sample_offsets(denoise, sampler, initial_noise(seeds, (sampler.num_features,)))
 
 
 def fuse_pointer(logits: np.ndarray, maps: np.ndarray, weight: float) -> np.ndarray:

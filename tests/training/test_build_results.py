@@ -209,8 +209,11 @@ def test_prompt_diffusion_rows_compare_each_learner_with_and_without_it():
     stage and the checks say so; PD jobs come after their base learners' in the plan."""
     jobs = plan([0, 1], [9], [5])
     pd_jobs = [j for j in jobs if j.prompt_diffusion]
-    assert {j.name for j in pd_jobs} == {f"{m}-pd-s{s}" for m in ("vpt", "coop", "maple") for s in (0, 1)}
-    assert all(j.base_job == f"{j.method}-s{j.seed}" and j.stochastic and j.row == f"{j.method}-pd" for j in pd_jobs)
+    assert {j.name for j in pd_jobs} == {f"{m}-pd-s{s}" for m in ("vpt", "coop", "maple", "diffprompt") for s in (0, 1)}
+    bases = {"diffprompt": "diffprompt-tokens"}  # Diff-Prompt's global prompts: its token-conditioning learner
+    assert all(j.base_job == f"{bases.get(j.method, j.method)}-s{j.seed}" and j.stochastic
+               and j.row == f"{j.method}-pd" for j in pd_jobs)
+    assert {j.base_job for j in pd_jobs} <= {j.name for j in jobs}
     results = []
     for seed in (0, 1):
         base = {"val": 0.40 + 0.02 * seed, "testA": 0.40, "testB": 0.20, **dict.fromkeys(SHIFT_SPLITS, 0.30)}
@@ -254,3 +257,23 @@ def test_a_prompt_diffusion_job_trains_its_base_first_and_counts_both(small_worl
     assert set(done["sampling"]["5"]["0"]) == {"val", "testA", "testB", "shift_size"}
     assert (tmp_path / "work" / "coop-pd-s0" / "model" / "prompt_diffusion" / "config.json").exists()
     assert "### Prompt Diffusion on each prompt learner (R@1)" in (tmp_path / "r.md").read_text()
+
+
+def test_diffprompt_prompt_diffusion_is_compared_with_diffprompt_at_the_same_steps():
+    """Diff-Prompt + PD (global prompts) against Diff-Prompt tokens at 5 steps (its own masks sampled),
+    its untimed generators leaving the total blank rather than failing."""
+    base_job = Job("diffprompt-tokens-s0", "diffprompt", 0, "tokens", eval_steps=[25, 5])
+    scores = {"val": 0.50, "testA": 0.60, "testB": 0.40, **dict.fromkeys(SHIFT_SPLITS, 0.30)}
+    base = _result(base_job, scores)  # at 5 steps every R@1 x 0.99
+    pd = _result(Job("diffprompt-pd-s0", "diffprompt", 0, eval_steps=[25, 5], prompt_diffusion=True),
+                 {**scores, **dict.fromkeys(SHIFT_SPLITS, 0.33)})
+    pd.update(base_parameters=3_900_000, prompt_diffusion_parameters=400_000, train_seconds=None,
+              stage_seconds={"base": None, "conditions": 10.0, "targets": 150.0, "diffusion": 30.0, "validation": 10.0})
+    report, data = render_report([base, pd], "diffprompt results --only diffprompt-pd", [0])
+    section = report.split("### Prompt Diffusion on each prompt learner (R@1)")[1].split("###")[0]
+    label = build_results.LABELS["diffprompt-tokens"]
+    assert f"| {label} | 5 | 49.50 | 49.50 | 29.70 | | | n/a (one training seed) |" in section
+    assert f"| {label} + PD | 5 | 49.50 | 49.50 | 32.67 | +0.00 / +0.00 | +2.97 | |" in section
+    assert f"| {label} + PD | 25 | 50.00 | 50.00 | 33.00 | +0.00 / +0.00 | +3.00 | |" in section  # base at 25
+    assert f"| {label} | 3,900,000 | 400,000 | nan | 10 | 150 | 30 | 10 | nan |" in section
+    assert data["checks"]["diffprompt + PD (5 steps): mean(shift) R@1 change (>= 2 points)"] == pytest.approx(2.97)

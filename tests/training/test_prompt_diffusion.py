@@ -65,13 +65,52 @@ def coop_pd(coop, small_world, tmp_path_factory):
             "--data-dir", str(small_world), "--cache-dir", str(out.parent / "cache"), "--run-root",
             str(out.parent / "runs"), "--threads", "1", "--no-progress"]
     train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args([*argv, "--output", str(out)]))
-    with torch.no_grad():  # a DiT trained 3 steps predicts offsets near 0: make them matter for the parity checks
-        model = PromptDiffusion.from_pretrained(out / "prompt_diffusion")
-        for linear in model.out.values():
-            linear.weight.normal_(0, 0.05)
-        model.final_modulation[-1].weight.normal_(0, 0.05)
-        model.save_pretrained(out / "prompt_diffusion")
+    _make_offsets_matter(out / "prompt_diffusion")
     return out, argv
+
+
+def _make_offsets_matter(pd_dir: Path, std: float = 0.05) -> None:
+    """A DiT trained 3 steps predicts offsets near 0: move its output layers so the parity checks see them."""
+    with torch.no_grad():
+        model = PromptDiffusion.from_pretrained(pd_dir)
+        for linear in model.out.values():
+            linear.weight.normal_(0, std)
+        model.final_modulation[-1].weight.normal_(0, std)
+        model.save_pretrained(pd_dir)
+
+
+@pytest.fixture(scope="module")
+def diffprompt_pd(tiny_pipeline_dir, small_world, tmp_path_factory):
+    """Prompt Diffusion on the tiny Diff-Prompt pipeline's global prompts (token DiT with a pointer head)."""
+    out = tmp_path_factory.mktemp("dp_pd") / "diffprompt_pd"
+    train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
+        ["--base", str(tiny_pipeline_dir), "--train-steps", "3", "--batch-size", "8", "--overfit-steps", "2",
+         "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
+         "--data-dir", str(small_world), "--cache-dir", str(out.parent / "cache"), "--run-root",
+         str(out.parent / "runs"), "--threads", "1", "--no-progress", "--output", str(out)]))
+    _make_offsets_matter(out / "prompt_diffusion", std=0.3)  # half of each layer's prompts: larger offsets
+    return out
+
+
+def test_diffprompt_global_prompts_are_diffused_beside_its_masks(diffprompt_pd, tiny_pipeline_dir):
+    """The Diff-Prompt pipeline keeps its VAE and DiT; Prompt Diffusion generates only the global
+    prompts (the mask-made half of every layer's prompts stays the adapters')."""
+    import numpy as np
+
+    pipe = DiffPromptPipeline.from_pretrained(diffprompt_pd, steps=2)
+    assert pipe.dit is not None and pipe.vae is not None and pipe.prompt_diffusion is not None
+    assert set(pipe.prompt_diffusion.names) == {"vision_global", "text_global"}
+    assert torch.equal(pipe.prompt_diffusion.base_prompts()["text_global"], pipe.learner.text_global)
+    rng = np.random.default_rng(0)
+    S = pipe.image_spec.image_size
+    pixels = rng.standard_normal((2, 3, S, S)).astype(np.float32)
+    ids, mask = pipe.tokenizer(["the red circle", "the blue square left of the star"])
+    ids, mask = ids.astype(np.int64), mask.astype(np.int64)
+    with_pd = pipe.score(pixels, ids, mask, [0, 1])[0]
+    assert np.array_equal(with_pd, pipe.score(pixels, ids, mask, [0, 1])[0])  # seeded
+    base = DiffPromptPipeline.from_pretrained(diffprompt_pd, steps=2, prompt_diffusion=False)
+    assert base.prompt_diffusion is None
+    assert np.abs(base.score(pixels, ids, mask, [0, 1])[0] - with_pd).max() > 1e-4
 
 
 def test_the_stage_writes_a_pipeline_that_evaluate_reads_and_reuses_its_targets(coop_pd, small_world, tmp_path):
@@ -118,10 +157,8 @@ def test_the_exported_artifact_answers_as_pytorch_does(coop_pd, small_world, tmp
     import shutil
 
     import numpy as np
-    from PIL import Image
 
     from diffprompt import cli
-    from diffprompt.core.runtime import GroundingRuntime
     from diffprompt.training.data.mdetr import load_split
 
     coop_pd = Path(shutil.copytree(coop_pd[0], tmp_path / "coop_pd"))  # with this test's solver
@@ -137,40 +174,96 @@ def test_the_exported_artifact_answers_as_pytorch_does(coop_pd, small_world, tmp
     assert (art5 / "grounding.onnx").stat().st_ino == (art3 / "grounding.onnx").stat().st_ino  # shared
     samples = load_split(small_world / "val.json")[:4]
     for art, steps in ((art5, 5), (art3, 3)):
-        runtime = GroundingRuntime.load(art)
-        pipe = DiffPromptPipeline.from_pretrained(coop_pd, steps=steps)
-        pixels = np.stack([runtime.image_spec.preprocess(Image.open(s.image_path).convert("RGB")) for s in samples])
-        ids, mask = runtime.tokenizer([s.expression for s in samples])
-        seeds = [0, 1, 2, 12345]
-        got_scores, got_boxes = runtime.score(pixels, ids, mask, seeds)
-        want_scores, want_boxes = pipe.score(pixels, ids.astype(np.int64), mask.astype(np.int64), seeds)
+        (got_scores, got_boxes), (want_scores, want_boxes), base_scores = _runtime_and_pytorch(
+            art, coop_pd, steps, samples, seeds=[0, 1, 2, 12345])
         assert np.abs(got_scores - want_scores).max() < 1e-3 and np.abs(got_boxes - want_boxes).max() < 1e-3
-        base = DiffPromptPipeline.from_pretrained(coop_pd, steps=steps)
-        base.prompt_diffusion = None  # the base learner alone answers otherwise: the generated prompts matter
-        base_scores = base.score(pixels, ids.astype(np.int64), mask.astype(np.int64), seeds)[0]
-        assert np.abs(base_scores - want_scores).max() > 1e-4
+        assert np.abs(base_scores - want_scores).max() > 1e-4  # the base learner alone: the generated prompts matter
 
 
-def test_the_real_server_serves_a_prompt_diffusion_artifact(coop_pd, tmp_path):
-    coop_pd = coop_pd[0]
+def _runtime_and_pytorch(art: Path, pipeline_dir: Path, steps: int, samples, seeds: list[int]):
+    """On `samples`: the artifact's (scores, boxes) through the torch-free runtime, the PyTorch pipeline's
+    (scores, boxes), and the PyTorch scores without Prompt Diffusion (the base learner's prompts)."""
+    import numpy as np
+    from PIL import Image
+
+    from diffprompt.core.runtime import GroundingRuntime
+
+    runtime = GroundingRuntime.load(art)
+    pipe = DiffPromptPipeline.from_pretrained(pipeline_dir, steps=steps)
+    pixels = np.stack([runtime.image_spec.preprocess(Image.open(s.image_path).convert("RGB")) for s in samples])
+    ids, mask = runtime.tokenizer([s.expression for s in samples])
+    got = runtime.score(pixels, ids, mask, seeds)
+    want = pipe.score(pixels, ids.astype(np.int64), mask.astype(np.int64), seeds)
+    pipe.prompt_diffusion = None
+    return got, want, pipe.score(pixels, ids.astype(np.int64), mask.astype(np.int64), seeds)[0]
+
+
+def test_diffprompt_with_prompt_diffusion_exports_one_unprompted_pass_and_answers_as_pytorch(
+        diffprompt_pd, small_world, tmp_path):
+    """Diff-Prompt's four graphs + the prompt denoiser: the condition encoder also outputs the prompt
+    conditions (no second unprompted pass), the builder takes the offsets; runtime == PyTorch at 5 and 3 steps."""
+    import numpy as np
+
+    from diffprompt import cli
+    from diffprompt.model_export.graphs import PROMPT_CONDITIONS
+    from diffprompt.training.data.mdetr import load_split
+
+    assert cli.main(["export", "--pipeline", str(diffprompt_pd), "--steps", "5", "3", "--out", str(tmp_path / "art"),
+                     "--threads", "1", "--no-progress"]) == 0
+    art5, art3 = tmp_path / "art" / "diffprompt_pd-5steps", tmp_path / "art" / "diffprompt_pd-3steps"
+    manifest = json.loads((art5 / "manifest.json").read_text())
+    graphs = manifest["graphs"]
+    assert set(graphs) == {"condition_encoder", "denoiser", "prompt_denoiser", "prompt_builder", "grounding"}
+    assert set(PROMPT_CONDITIONS) <= {o["name"] for o in graphs["condition_encoder"]["outputs"]}
+    assert [i["name"] for i in graphs["prompt_builder"]["inputs"]] == ["kept_latents", "prompt_offsets"]
+    assert len(manifest["schedule"]) == 5 and len(manifest["prompt_sampler"]["timesteps"]) == 5
+    assert max(manifest["export_max_abs_diff"].values()) < 1e-4
+    samples = load_split(small_world / "val.json")[:3]
+    logit = lambda p: np.log(p) - np.log1p(-p)  # the tiny model's scores sit near 0: compare logits
+    for art, steps in ((art5, 5), (art3, 3)):
+        (got_scores, got_boxes), (want_scores, want_boxes), base_scores = _runtime_and_pytorch(
+            art, diffprompt_pd, steps, samples, seeds=[0, 7, 12345])
+        assert np.abs(logit(got_scores) - logit(want_scores)).max() < 1e-3
+        assert np.abs(got_boxes - want_boxes).max() < 1e-4
+        # the learned global prompts answer otherwise: the generated ones matter
+        assert np.abs(logit(base_scores) - logit(want_scores)).max() > 1e-2
+
+
+def test_triton_refuses_a_prompt_diffusion_artifact_in_one_line(coop_pd, tmp_path):
+    from diffprompt import cli
+    from diffprompt.core.manifest import ArtifactError
+    from diffprompt.model_export.triton import write_triton_repository
+
+    assert cli.main(["export", "--pipeline", str(coop_pd[0]), "--steps", "2", "--out", str(tmp_path / "art"),
+                     "--threads", "1", "--no-progress"]) == 0
+    with pytest.raises(ArtifactError, match="Prompt Diffusion artifact"):
+        write_triton_repository(tmp_path / "art" / "coop_pd-2steps", tmp_path / "triton")
+    assert not (tmp_path / "triton").exists()
+
+
+@pytest.mark.parametrize("base", ["coop", "diffprompt"])
+def test_the_real_server_serves_a_prompt_diffusion_artifact(base, request, tmp_path):
     """`python -m diffprompt.service` on the exported artifact: a 200 with boxes, the same answer for the
-    same seed, the request's seed deciding the generated prompts."""
+    same seed, the request's seed deciding the generated prompts (and, on Diff-Prompt, its masks)."""
     from diffprompt import cli
     from tests.service.service_testkit import ServerProcess, encode, rgb_image
 
-    assert cli.main(["export", "--pipeline", str(coop_pd), "--steps", "5", "--out", str(tmp_path / "art"),
+    pipeline = request.getfixturevalue("coop_pd")[0] if base == "coop" else request.getfixturevalue("diffprompt_pd")
+    assert cli.main(["export", "--pipeline", str(pipeline), "--steps", "5", "--out", str(tmp_path / "art"),
                      "--threads", "1", "--no-progress"]) == 0
-    server = ServerProcess(tmp_path / "art" / "coop_pd-5steps", tmp_path / "server").start()
+    server = ServerProcess(tmp_path / "art" / f"{pipeline.name}-5steps", tmp_path / "server").start()
+    makes_masks = base == "diffprompt"
     try:
         server.wait_ready()
         model = server.client.get("/readyz").json()["model"]
-        assert model["makes_masks"] is False and model["ddim_steps"] == 5
+        assert model["makes_masks"] is makes_masks and model["ddim_steps"] == 5
         image = encode(rgb_image(160, 120, seed=2), "PNG")
-        first = server.ground(image, "the red circle", top_k=3, seed=4)
+        first = server.ground(image, "the red circle", top_k=3, seed=4, return_mask=makes_masks)
         assert first.status_code == 200, first.text
         body = first.json()
-        assert len(body["boxes"]) == 3 and body["mask_png_base64"] is None and body["ddim_steps"] == 5
-        again = server.ground(image, "the red circle", top_k=3, seed=4).json()
+        assert len(body["boxes"]) == 3 and (body["mask_png_base64"] is not None) is makes_masks
+        assert body["ddim_steps"] == 5
+        again = server.ground(image, "the red circle", top_k=3, seed=4, return_mask=makes_masks).json()
         assert again["boxes"] == body["boxes"]
         other = server.ground(image, "the red circle", top_k=3, seed=5).json()
         assert [b["score"] for b in other["boxes"]] != [b["score"] for b in body["boxes"]]

@@ -182,8 +182,9 @@ class DiffPromptPipeline:
         `pointer_only` the output's logits are the fused / pointer scores."""
         masks = cond = values = None
         pointer = self.dit is not None and (self.pointer_only or self.pointer_weight)
-        if pointer or self.prompt_diffusion is not None:
-            cond = foundation_conditions(self.foundation, pixels, ids, mask, True, patch_scores=pointer)
+        if pointer or self.prompt_diffusion is not None:  # one unprompted pass serves the DiT and Prompt Diffusion
+            token_dit = self.dit is not None and self.dit.config.conditioning == "tokens"
+            cond = foundation_conditions(self.foundation, pixels, ids, mask, True, patch_scores=pointer or token_dit)
         if self.learner is not None and self.learner.needs_masks:
             masks = self.generate_masks(pixels, ids, mask, seeds, cond)
         if self.prompt_diffusion is not None:  # the learner's prompts, generated for each query

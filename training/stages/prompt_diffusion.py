@@ -5,6 +5,9 @@
     2. targets      each train expression's prompts overfitted to it alone: `--overfit-steps` Adam
                     steps from the base learner's prompts, all expressions of a batch at once (each
                     has its own copy of the prompts and its own loss, so their gradients never mix);
+                    on Diff-Prompt the prompts are its global ones, overfitted with the masks its DiT
+                    generates for the expression as the service would (`--steps` DDIM steps, the
+                    run's `--seed` for every expression) held fixed;
                     stored as packed offsets under the cache directory, keyed by the base learner,
                     the foundation, the data and the overfitting options: a rerun reuses them
     3. diffusion    `PromptDiffusion` learns x0 = scaled offset from noisy versions (one schedule,
@@ -59,8 +62,10 @@ def grounding_loss(out, boxes: list[torch.Tensor]) -> torch.Tensor:
 def overfitted_offsets(pipeline: DiffPromptPipeline, model: PromptDiffusion, data: RecArrays, ids, mask,
                        args: argparse.Namespace, device, log=None) -> Iterator[dict[str, np.ndarray]]:
     """{"offset": (B, F) float32} per batch in sample order: each expression's prompts after
-    `args.overfit_steps` Adam steps on its own loss, minus the base prompts (unscaled). `log(str)`
-    hears about every quarter of the batches (the progress bar may be off)."""
+    `args.overfit_steps` Adam steps on its own loss, minus the base prompts (unscaled). A Diff-Prompt
+    learner's masks are sampled once per batch (`pipeline.steps` DDIM steps, seed `args.seed` for every
+    expression: the service's policy) and held fixed. `log(str)` hears about every quarter of the
+    batches (the progress bar may be off)."""
     foundation, learner = pipeline.foundation, pipeline.learner
     batches = data.sequential_batches(args.frozen_batch_size)
     base = {n: v.detach() for n, v in model.base_prompts().items()}
@@ -73,9 +78,11 @@ def overfitted_offsets(pipeline: DiffPromptPipeline, model: PromptDiffusion, dat
         values = {n: v.expand(len(idx), *v.shape).clone().requires_grad_(True) for n, v in base.items()}
         optimizer = torch.optim.Adam(values.values(), lr=args.overfit_lr)
         boxes = [data.boxes[i] for i in idx]
+        pixels, batch_ids, batch_mask = pixels.to(device), ids[idx].to(device), mask[idx].to(device)
+        masks = (pipeline.generate_masks(pixels, batch_ids, batch_mask, [args.seed] * len(idx))
+                 if learner.needs_masks else None)  # (B, n, 1, m, m), no gradient
         for _ in range(args.overfit_steps):
-            out = prompted_forward(foundation, learner, pixels.to(device), ids[idx].to(device), mask[idx].to(device),
-                                   None, values)
+            out = prompted_forward(foundation, learner, pixels, batch_ids, batch_mask, masks, values)
             optimizer.zero_grad(set_to_none=True)
             grounding_loss(out, boxes).backward()  # a sum over expressions: each gets only its own gradient
             optimizer.step()
@@ -96,10 +103,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     if learner is None or not learner.prompt_names:
         raise UserError(f"{base_dir}: its learner ({getattr(learner, 'method', 'none')}) has no prompt tensors to "
                         "diffuse; Prompt Diffusion plugs into coop, vpt and maple")
-    if learner.needs_masks:
-        raise UserError(f"{base_dir}: Prompt Diffusion on Diff-Prompt's global prompts is not written yet; "
-                        "use a coop, vpt or maple pipeline")
-    for part in (foundation, learner):
+    for part in (foundation, learner, pipeline.vae, pipeline.dit):  # the VAE and DiT: Diff-Prompt only
+        if part is None:
+            continue
         part.eval().requires_grad_(False).to(run.device)
     fcfg = foundation.config
     base_spec = json.loads((base_dir / PIPELINE_FILE).read_text())  # read and checked by from_pretrained above
@@ -126,9 +132,10 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     seconds["conditions"] = time.time() - t0
 
     # 2. the overfitted targets, on disk
-    key = file_digest([base_dir / WEIGHTS_NAME, base_dir / CONFIG_NAME, Path(args.foundation)],
+    generator_parts = [parts["mask_vae"], parts["prompt_dit"]] if learner.needs_masks else []  # they make the masks
+    key = file_digest([base_dir / WEIGHTS_NAME, base_dir / CONFIG_NAME, Path(args.foundation), *generator_parts],
                       f"{data_digest(train_data.samples, spec)}|{args.overfit_steps}|{args.overfit_lr}|"
-                      f"{args.frozen_batch_size}")
+                      f"{args.frozen_batch_size}" + (f"|masks:{args.steps}:{args.seed}" if learner.needs_masks else ""))
     directory = cache_dir(args) / f"prompt-targets-{key}"
     t0 = time.time()
     run.main_first(lambda: cached_rows(directory, len(train_data), lambda: overfitted_offsets(
@@ -198,7 +205,7 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
             (pd_dir / SCHEDULER_FILE).write_text(json.dumps(SCHEDULE_DEFAULTS, indent=2))
             learner.save_pretrained(d)
             write_pipeline_file(d, parts["foundation"], parts["mask_vae"], parts["prompt_dit"],
-                                prompt_diffusion=pd_dir, solver=args.solver)
+                                pointer_weight=pipeline.pointer_weight, prompt_diffusion=pd_dir, solver=args.solver)
             (d / "training_summary.json").write_text(json.dumps(summary, indent=2))
 
         run.save(write)
