@@ -25,14 +25,14 @@ STAGES = ("condition", "sampler", "prompt_builder", "grounding")
 
 def torch_stages(pipeline, pixels, ids, mask, seeds) -> dict[str, float]:
     """One eager request, timed per stage (the stage split of model_export.runtime)."""
-    from diffprompt.training.models.diffprompt import foundation_conditions
+    from diffprompt.training.models.diffprompt import dit_conditions
     from diffprompt.training.models.mask_vae import decode_latents
     from diffprompt.training.models.prompt_sampler import sample_prompt_latents
 
     f, learner = pipeline.foundation, pipeline.learner
     with torch.no_grad():
         t0 = time.perf_counter()
-        cond = foundation_conditions(f, pixels, ids, mask, pipeline.dit.config.conditioning == "tokens")
+        cond = dit_conditions(f, pipeline.dit, pixels, ids, mask)
         t1 = time.perf_counter()
         kept = sample_prompt_latents(pipeline.dit, pipeline.scheduler, cond, seeds, pipeline.steps, learner.mask_layers)
         t2 = time.perf_counter()
@@ -41,8 +41,13 @@ def torch_stages(pipeline, pixels, ids, mask, seeds) -> dict[str, float]:
         masks = logits.view(B, n, *logits.shape[1:])
         vision, text = learner.prompts(B, masks)
         t3 = time.perf_counter()
-        image = f.encode_image(pixels, vision)
-        query = f.encode_text(ids, mask, text).query_embeds[:, None, :]
+        if pipeline.single_pass:  # the towers continue from the conditions pass's hidden states
+            first_v, first_t = learner.config.first_layers
+            image = f.continue_image(cond["image_hidden"], first_v, vision)
+            query = f.continue_text(cond["text_hidden"], ids, mask, first_t, text).query_embeds[:, None, :]
+        else:
+            image = f.encode_image(pixels, vision)
+            query = f.encode_text(ids, mask, text).query_embeds[:, None, :]
         f.predict(image, query)
         t4 = time.perf_counter()
     return {"condition": t1 - t0, "sampler": t2 - t1, "prompt_builder": t3 - t2, "grounding": t4 - t3}

@@ -15,8 +15,12 @@ both, their ratio and the pipeline's p50 per stage (condition, sampler, prompt_b
 `--attention fused plain` also times the pipeline exported with standard ONNX attention in the same
 rounds (what the fused operator buys). Models: `embedded` = the committed `checkpoints/diffprompt`
 (or --pipeline); `owlvit` = a random OWL-ViT B/32 at 768 px (benchmarks/owl_scale.py, full depth
-unless --owl-layers; random weights: cost, not accuracy). Mode: the paper's two-pass pipeline (the
-foundation runs unprompted for the DiT's conditions, then prompted), the only one built so far.
+unless --owl-layers; random weights: cost, not accuracy). Modes (`--modes`): `two-pass`, the paper's
+pipeline (the foundation runs unprompted for the DiT's conditions, then prompted), and `single-pass`
+(the DiT reads its conditions after the towers' first layers, `--single-pass-layers`, default half of
+each, and the prompted pass continues from there: one foundation pass per query). The single-pass
+row is a variant of the same shapes built from the two-pass pipeline (`single_pass_variant`: the DiT's
+weights, a fresh learner), so it measures cost, not accuracy.
 The service's own overhead for the same request is benchmarks/service_overhead.py.
 """
 
@@ -32,30 +36,61 @@ import numpy as np
 STAGES = ("condition", "sampler", "prompt_builder", "grounding")
 
 
-def export_pair(pipeline_dir: Path, work: Path, steps: list[int], threads: int,
+def export_pair(pipelines: dict[str, Path], work: Path, steps: list[int], threads: int,
                 attentions: tuple[str, ...] = ("fused",)) -> dict:
-    """{"foundation": runtime, (attention, steps): runtime, ...} for one pipeline directory, the pipeline
-    exported with each of `attentions` (exports reused if present; the foundation alone: fused)."""
+    """{"foundation": runtime, (mode, attention, steps): runtime, ...}: each mode's pipeline directory
+    exported with each of `attentions` at each step count (exports reused if present), and the first
+    pipeline's foundation alone (fused attention)."""
     from diffprompt.core.providers import ProviderConfig
     from diffprompt.core.runtime import GroundingRuntime
     from diffprompt.model_export.artifact import export_pipeline
     from diffprompt.training.models.diffprompt import DiffPromptPipeline
 
-    pipeline = DiffPromptPipeline.from_pretrained(pipeline_dir)
-    foundation_dir = Path(pipeline_dir) / json.loads((Path(pipeline_dir) / "pipeline.json").read_text())["foundation"]
+    first = next(iter(pipelines.values()))
+    foundation_dir = Path(first) / json.loads((Path(first) / "pipeline.json").read_text())["foundation"]
     config = ProviderConfig(preferred=("cpu",), intra_op_threads=threads)
     runtimes = {}
-    targets = [("foundation", DiffPromptPipeline.foundation_only(foundation_dir), None, "fused")]
-    targets += [((a, s), pipeline, s, a) for a in attentions for s in steps]
-    for key, model, s, attention in targets:
-        suffix = "" if attention == "fused" else f"-{attention}"  # the default keeps the old folder names
-        out = work / "foundation" if key == "foundation" else work / f"pipeline-{s}steps{suffix}"
+    targets = [("foundation", DiffPromptPipeline.foundation_only(foundation_dir), None, "fused", work / "foundation")]
+    for mode, directory in pipelines.items():
+        pipeline = DiffPromptPipeline.from_pretrained(directory)
+        prefix = "pipeline" if mode == "two-pass" else f"{mode}"  # the two-pass default keeps the old folder names
+        targets += [((mode, a, s), pipeline, s, a, work / f"{prefix}-{s}steps{'' if a == 'fused' else '-' + a}")
+                    for a in attentions for s in steps]
+    for key, model, s, attention, out in targets:
         if not (out / "manifest.json").exists():
             t0 = time.time()
             export_pipeline(model, out, s, f"bench-{s}", progress=False, attention=attention)
             print(f"  exported {out} ({time.time() - t0:.0f} s)", flush=True)
         runtimes[key] = GroundingRuntime.load(out, config)
     return runtimes
+
+
+def single_pass_variant(pipeline_dir: Path, out: Path, layers: tuple[int, int]) -> Path:
+    """A single-pass pipeline of the same shapes as `pipeline_dir`'s: its DiT reading its conditions after
+    `layers` (vision, text) layers (weights kept; only where they are read changes) and a fresh Diff-Prompt
+    learner whose prompts enter there (random weights: its prompt tensors have fewer layers). For cost, not
+    accuracy. Written once under `out`; returns the pipeline directory."""
+    import dataclasses
+
+    from diffprompt.training.models.diffprompt import SCHEDULER_FILE, DiffPromptPipeline, write_pipeline_file
+    from diffprompt.training.models.prompt_learners import PromptLearner
+
+    target = out / "diffprompt"
+    if (target / "pipeline.json").exists():
+        return target
+    spec = json.loads((Path(pipeline_dir) / "pipeline.json").read_text())
+    pipeline = DiffPromptPipeline.from_pretrained(pipeline_dir)
+    dit = type(pipeline.dit)(dataclasses.replace(pipeline.dit.config, condition_layers=list(layers)))
+    dit.load_state_dict(pipeline.dit.state_dict())
+    dit.save_pretrained(out / "dit")
+    (out / "dit" / SCHEDULER_FILE).write_text((Path(pipeline_dir) / spec["prompt_dit"] / SCHEDULER_FILE).read_text())
+    c = pipeline.learner.config
+    learner = PromptLearner.for_foundation(pipeline.foundation, "diffprompt", depth=c.depth, length=c.length,
+                                           mask_size=c.mask_size, mask_input=c.mask_input, first_layers=list(layers))
+    learner.save_pretrained(target)
+    write_pipeline_file(target, (Path(pipeline_dir) / spec["foundation"]).resolve(),
+                        (Path(pipeline_dir) / spec["mask_vae"]).resolve(), out / "dit")
+    return target
 
 
 def time_round_robin(runtimes: dict, requests: list[tuple], warmup: int, repeats: int) -> dict:
@@ -89,21 +124,34 @@ def requests_for(runtime, data_dir: Path, n: int) -> list[tuple]:
 
 
 def measure(name: str, pipeline_dir: Path, work: Path, repeats: int, args) -> list[dict]:
-    """One model's rows: `repeats` timed rounds over its foundation-alone and pipeline artifacts."""
+    """One model's rows: `repeats` timed rounds over its foundation-alone and pipeline artifacts, every mode."""
     print(f"{name}: exporting and loading", flush=True)
-    runtimes = export_pair(pipeline_dir, work / name, args.steps, args.threads, tuple(args.attention))
+    pipelines = {}
+    for mode in args.modes:
+        if mode == "two-pass":
+            pipelines[mode] = pipeline_dir
+        else:
+            layers = args.single_pass_layers or default_split(pipeline_dir)
+            pipelines[mode] = single_pass_variant(pipeline_dir, work / name / "single-pass-model", layers)
+    runtimes = export_pair(pipelines, work / name, args.steps, args.threads, tuple(args.attention))
     requests = requests_for(runtimes["foundation"], Path(args.data_dir), 8)
     times = time_round_robin(runtimes, requests, args.warmup, repeats)
     base = float(np.median(times["foundation"]["total"]))
     rows = []
-    for attention, s in ((a, s) for a in args.attention for s in args.steps):
-        t = times[(attention, s)]
-        rows.append({"model": name, "mode": "two-pass", "attention": attention, "steps": s, "rounds": repeats,
+    for mode, attention, s in ((m, a, s) for m in args.modes for a in args.attention for s in args.steps):
+        t = times[(mode, attention, s)]
+        rows.append({"model": name, "mode": mode, "attention": attention, "steps": s, "rounds": repeats,
                      "foundation_p50_ms": 1e3 * base,
                      "pipeline_p50_ms": 1e3 * float(np.median(t["total"])),
                      "ratio": float(np.median(t["total"])) / base,
                      **{f"{stage}_p50_ms": 1e3 * float(np.median(t[stage])) for stage in STAGES if t[stage]}})
     return rows
+
+
+def default_split(pipeline_dir: Path) -> tuple[int, int]:
+    """Half of each tower (rounded down) below the prompts: the embedded default's 6 / 3 layers -> 3 / 1."""
+    cfg = json.loads((Path(pipeline_dir) / "config.json").read_text())
+    return cfg["vision_layers"] // 2, cfg["text_layers"] // 2
 
 
 def format_table(rows: list[dict], args) -> str:
@@ -129,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[5, 25])
     p.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "plain"],
                    help="export the pipeline with each (diffprompt export --attention), timed in the same rounds")
+    p.add_argument("--modes", nargs="+", default=["two-pass", "single-pass"], choices=["two-pass", "single-pass"],
+                   help="two-pass: the paper's (unprompted pass for the conditions, then the prompted pass); "
+                        "single-pass: the conditions read inside the one pass (a variant of the same shapes)")
+    p.add_argument("--single-pass-layers", type=int, nargs=2, default=None, metavar=("VISION", "TEXT"),
+                   help="single-pass split: layers below the prompts (default: half of each tower)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--owl-repeats", type=int, default=5, help="timed rounds for the OWL model (seconds each)")
     p.add_argument("--warmup", type=int, default=2)

@@ -41,7 +41,9 @@ from diffprompt.model_export.float16 import PRECISIONS, to_float16
 from diffprompt.model_export.fused_attention import DEFAULT_ATTENTION, check_attention_mode
 from diffprompt.model_export.graphs import (
     PROMPT_CONDITIONS,
+    TRUNK_STATES,
     ConditionEncoder,
+    ContinuedGrounding,
     Denoiser,
     Grounding,
     PromptBuilder,
@@ -187,7 +189,8 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
 
     if diffprompt:
         pd = pipeline.prompt_diffusion.eval() if pipeline.prompt_diffusion is not None else None
-        enc = ConditionEncoder(foundation, pipeline.dit.eval(), prompt_conditions=pd is not None)
+        single = pipeline.single_pass  # one foundation pass: grounding continues the encoder's hidden states
+        enc = ConditionEncoder(foundation, pipeline.dit.eval(), prompt_conditions=pd is not None, trunk=single)
         with torch.no_grad():
             cond = enc(pixels, ids, mask)
         jobs.append(("condition_encoder", enc, (pixels, ids, mask), ["pixel_values", "input_ids", "attention_mask"],
@@ -213,10 +216,15 @@ def _write_artifact(tmp: Path, pipeline: DiffPromptPipeline, steps: int | None, 
             vp, tp, _ = builder(*builder_inputs)
         jobs.append(("prompt_builder", builder, builder_inputs, builder_names,
                      ["vision_prompts", "text_prompts", "mask_logits"]))
-        ground = Grounding(foundation, learner.eval())
-        jobs.append(("grounding", ground, (pixels, ids, mask, vp, tp),
-                     ["pixel_values", "input_ids", "attention_mask", "vision_prompts", "text_prompts"],
-                     ["logits", "boxes"]))
+        if single:
+            jobs.append(("grounding", ContinuedGrounding(foundation, learner.eval()),
+                         (*(produced[n] for n in TRUNK_STATES), ids, mask, vp, tp),
+                         [*TRUNK_STATES, "input_ids", "attention_mask", "vision_prompts", "text_prompts"],
+                         ["logits", "boxes"]))
+        else:
+            jobs.append(("grounding", Grounding(foundation, learner.eval()), (pixels, ids, mask, vp, tp),
+                         ["pixel_values", "input_ids", "attention_mask", "vision_prompts", "text_prompts"],
+                         ["logits", "boxes"]))
     elif pipeline.prompt_diffusion is not None:
         model = pipeline.prompt_diffusion.eval()
         enc = PromptConditions(foundation)

@@ -15,6 +15,11 @@
     grounding          pixel_values, input_ids, attention_mask [, vision_prompts, text_prompts]
                        -> logits (B,P), boxes (B,P,4) cxcywh in [0, 1] of the input square
 
+Single-pass mode (a DiT that reads its conditions at the layers where the learner's prompts enter):
+the condition_encoder runs only the towers' layers below the prompts and also outputs their hidden
+states, image_hidden (B,1+P,Dv) and text_hidden (B,T,Dt); grounding takes those instead of
+pixel_values and runs only the remaining, prompted layers: one foundation pass per query.
+
 Prompt Diffusion artifacts (a base learner whose prompts are generated per query) have three:
 
     prompt_conditions  pixel_values, input_ids, attention_mask
@@ -55,6 +60,8 @@ from diffprompt.training.models.prompt_learners import PromptLearner, prompted_f
 
 # What the prompt denoiser reads: the unprompted foundation's pooled embeddings and tokens
 PROMPT_CONDITIONS = ("image_embed", "text_embed", "image_tokens", "text_tokens", "text_mask")
+# Single-pass mode: the towers' hidden states where the prompts enter (condition_encoder -> grounding)
+TRUNK_STATES = ("image_hidden", "text_hidden")
 
 
 class ConditionEncoder(nn.Module):
@@ -62,18 +69,21 @@ class ConditionEncoder(nn.Module):
     `prompt_conditions` (Prompt Diffusion on Diff-Prompt's global prompts) it also outputs what the
     prompt denoiser reads (PROMPT_CONDITIONS), from the same unprompted pass."""
 
-    def __init__(self, foundation: GroundingModel, dit: PromptDiT, prompt_conditions: bool = False):
+    def __init__(self, foundation: GroundingModel, dit: PromptDiT, prompt_conditions: bool = False,
+                 trunk: bool = False):
         super().__init__()
         self.foundation, self.dit = foundation, dit
         self.output_names = list(dit.prepared_names)
         if prompt_conditions:
             self.output_names += [n for n in PROMPT_CONDITIONS if n not in self.output_names]
+        if trunk:  # single-pass mode: the hidden states the grounding graph continues from
+            self.output_names += list(TRUNK_STATES)
 
     def forward(self, pixel_values, input_ids, attention_mask):
         token_dit = self.dit.config.conditioning == "tokens"
         tokens = token_dit or "image_tokens" in self.output_names
         cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=tokens,
-                                     patch_scores=token_dit)
+                                     patch_scores=token_dit, layers=self.dit.config.condition_layers)
         prepared = self.dit.prepare_conditions(**cond)  # its image_embed / text_embed are cond's, unchanged
         return tuple(prepared[k] if k in prepared else cond[k] for k in self.output_names)
 
@@ -160,6 +170,22 @@ class Grounding(nn.Module):
             out = self.foundation.predict(image, query)
         else:
             out = prompted_forward(self.foundation, self.learner, pixel_values, input_ids, attention_mask)
+        return out.logits[..., 0], out.pred_boxes  # (B, P), (B, P, 4)
+
+
+class ContinuedGrounding(nn.Module):
+    """Single-pass mode: the prompted towers from the condition encoder's hidden states (the layers
+    below the prompts are not run again), then the heads. The learner's prompts are inputs."""
+
+    def __init__(self, foundation: GroundingModel, learner: PromptLearner):
+        super().__init__()
+        self.foundation, self.learner = foundation, learner
+        self.first_vision, self.first_text = learner.config.first_layers
+
+    def forward(self, image_hidden, text_hidden, input_ids, attention_mask, vision_prompts, text_prompts):
+        image = self.foundation.continue_image(image_hidden, self.first_vision, vision_prompts)
+        text = self.foundation.continue_text(text_hidden, input_ids, attention_mask, self.first_text, text_prompts)
+        out = self.foundation.predict(image, text.query_embeds[:, None, :])
         return out.logits[..., 0], out.pred_boxes  # (B, P), (B, P, 4)
 
 

@@ -162,7 +162,7 @@ def bls_io(io: dict[str, tuple[list[TensorSpec], list[TensorSpec]]]) -> tuple[li
     ground_out = {t.name: t for t in io["grounding"][1]}
     masks = {t.name: t for t in io["prompt_builder"][1]}["mask_logits"]
     names = ("pixel_values", "input_ids", "attention_mask")
-    if any(enc_in[n] != ground_in[n] for n in names):
+    if any(n in ground_in and enc_in[n] != ground_in[n] for n in names):  # single pass: no pixel_values there
         raise ArtifactError("condition_encoder and grounding disagree on pixel_values / input_ids / attention_mask")
     inputs = [enc_in[n] for n in names] + [TensorSpec("seed", "TYPE_INT64", (1,))]
     outputs = [TensorSpec("scores", "TYPE_FP32", ground_out["logits"].dims),

@@ -132,7 +132,7 @@ def pipeline_outputs(pipeline, pixels, ids: np.ndarray, mask: np.ndarray, seeds)
     and the condition encoder's outputs (named as the exported graph names them)."""
     import torch
 
-    from diffprompt.training.models.diffprompt import foundation_conditions
+    from diffprompt.training.models.diffprompt import dit_conditions
 
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
     out, generated = pipeline(pixels, ids_t, mask_t, seeds)
@@ -141,8 +141,7 @@ def pipeline_outputs(pipeline, pixels, ids: np.ndarray, mask: np.ndarray, seeds)
                "mask_logits": None if generated is None else generated[:, 0, 0].float().numpy()}  # layer 0 = final x0
     if pipeline.dit is not None:
         with torch.no_grad():
-            cond = foundation_conditions(pipeline.foundation, pixels, ids_t, mask_t,
-                                         pipeline.dit.config.conditioning == "tokens")
+            cond = dit_conditions(pipeline.foundation, pipeline.dit, pixels, ids_t, mask_t)
             prepared = pipeline.dit.prepare_conditions(**cond)
         outputs.update({k: None if v is None else v.float().numpy() for k, v in prepared.items()})
     return outputs

@@ -47,6 +47,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--context-layers", type=int, default=3,
                    help="tokens conditioning: transformer layers over the joint condition tokens, with a "
                         "pointer head trained to find the referred patch (0 = off, the cross-attention-only DiT)")
+    p.add_argument("--condition-layers", type=int, nargs=2, default=None, metavar=("VISION", "TEXT"),
+                   help="single-pass mode: read the conditions after this many layers of each tower; the prompts "
+                        "then enter there and the layers below run once per query (default: after the last "
+                        "layers, then a second, prompted pass: the paper's two passes)")
     p.add_argument("--pointer-loss-weight", type=float, default=1.0,
                    help="weight of the pointer head's cross-entropy next to the denoising MSE")
     add_run_args(p, output="runs/prompt_dit_<conditioning>")

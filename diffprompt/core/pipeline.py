@@ -109,7 +109,9 @@ def run_pipeline(infer: Infer, manifest: Manifest, pixels: np.ndarray, input_ids
     t2 = clock()
     vision, text, masks = infer("prompt_builder", builder_feeds, _outputs(manifest, "prompt_builder"))
     t3 = clock()
-    logits, boxes = infer("grounding", {**base, "vision_prompts": vision, "text_prompts": text},
+    # the graph's inputs by name: pixels, or (single-pass mode) the condition encoder's hidden states
+    available = {**base, **conditions, "vision_prompts": vision, "text_prompts": text}
+    logits, boxes = infer("grounding", {t.name: available[t.name] for t in manifest.graphs["grounding"].inputs},
                           _outputs(manifest, "grounding"))
     if manifest.pointer_weight:
         logits = fuse_pointer(logits, conditions["maps"], manifest.pointer_weight)

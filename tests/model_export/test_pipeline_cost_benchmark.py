@@ -16,7 +16,7 @@ def test_the_benchmark_times_foundation_and_pipeline_side_by_side(tiny_pipeline_
     assert pipeline_cost.main(argv) == 0
     rows = json.loads(out.read_text())
     assert [(r["model"], r["mode"], r["attention"], r["steps"]) for r in rows] == [
-        ("embedded", "two-pass", a, s) for a in ("fused", "plain") for s in (2, 3)]
+        ("embedded", m, a, s) for m in ("two-pass", "single-pass") for a in ("fused", "plain") for s in (2, 3)]
     for r in rows:
         assert r["ratio"] == r["pipeline_p50_ms"] / r["foundation_p50_ms"] > 0
         assert all(r[f"{stage}_p50_ms"] > 0 for stage in pipeline_cost.STAGES)
@@ -24,6 +24,9 @@ def test_the_benchmark_times_foundation_and_pipeline_side_by_side(tiny_pipeline_
     printed = capsys.readouterr().out
     assert "| embedded | two-pass | plain | 3 |" in printed and "pipeline / foundation" in printed
     assert (tmp_path / "work" / "embedded" / "pipeline-3steps-plain" / "manifest.json").exists()
+    # the single-pass variant: its grounding graph continues the condition encoder's hidden states
+    single = json.loads((tmp_path / "work" / "embedded" / "single-pass-2steps" / "manifest.json").read_text())
+    assert "image_hidden" in [i["name"] for i in single["graphs"]["grounding"]["inputs"]]
     mtime = (tmp_path / "work" / "embedded" / "pipeline-2steps" / "manifest.json").stat().st_mtime_ns
     assert pipeline_cost.main(argv) == 0  # exports are reused
     assert (tmp_path / "work" / "embedded" / "pipeline-2steps" / "manifest.json").stat().st_mtime_ns == mtime

@@ -199,3 +199,87 @@ def test_stage1_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(smal
         [*common, "--resume", str(checkpoint), "--output", str(tmp_path / "b")]))
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def single_pass(small_world, tmp_path_factory):
+    """Stage 2 with --condition-layers 1 1 on a two-layer baby foundation, then stage 3 on that DiT."""
+    root = tmp_path_factory.mktemp("single_pass")
+    save_baby_foundation(root / "foundation", layers=2)
+    common = ["--data-dir", str(small_world), "--run-root", str(root / "runs"), "--threads", "1", "--no-progress"]
+    train_mask_vae.main(train_mask_vae.build_parser().parse_args(
+        ["--preset", "baby", "--epochs", "1", "--batch-size", "8", "--eval-every", "1", "--output",
+         str(root / "vae"), *common]))
+    train_prompt_dit.main(train_prompt_dit.build_parser().parse_args(
+        ["--preset", "baby", "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--eval-steps", "3",
+         "--condition-layers", "1", "1", "--foundation", str(root / "foundation"), "--mask-vae", str(root / "vae"),
+         "--output", str(root / "dit"), "--cache-dir", str(root / "cache"), *common]))
+    train_prompts.main(train_prompts.build_parser().parse_args(
+        ["--method", "diffprompt", "--epochs", "1", "--batch-size", "8", "--ddim-steps", "3", "--eval-every", "1",
+         "--foundation", str(root / "foundation"), "--mask-vae", str(root / "vae"), "--prompt-dit",
+         str(root / "dit"), "--output", str(root / "dp"), "--cache-dir", str(root / "cache"), *common]))
+    return root
+
+
+def test_single_pass_stages_put_the_prompts_where_the_dit_reads_its_conditions(single_pass):
+    """The DiT reads layer 1 of each tower, stage 3's learner prompts layers 1.. (depth 1 of 2), and
+    the pipeline shares the trunk: its answer equals a second, separate pass over layers 0..1."""
+    from diffprompt.training.models.diffprompt import dit_conditions
+    from diffprompt.training.models.prompt_learners import prompted_forward
+
+    assert json.loads((single_pass / "dit" / "config.json").read_text())["condition_layers"] == [1, 1]
+    pipe = DiffPromptPipeline.from_pretrained(single_pass / "dp", steps=3)
+    assert pipe.learner.config.first_layers == [1, 1] and pipe.single_pass
+    assert pipe.learner.vision_depth == pipe.learner.text_depth == 1
+    g = torch.Generator().manual_seed(0)
+    S = pipe.image_spec.image_size
+    pixels = torch.randn(2, 3, S, S, generator=g)
+    ids, mask = (torch.from_numpy(a.astype("int64")) for a in pipe.tokenizer(["the red circle", "the blue square"]))
+    out, masks = pipe(pixels, ids, mask, [0, 1])
+    with torch.no_grad():
+        cond = dit_conditions(pipe.foundation, pipe.dit, pixels, ids, mask)
+        assert cond["image_hidden"].shape[1:] == (1 + pipe.foundation.config.num_patches, 32)
+        separate = prompted_forward(pipe.foundation, pipe.learner, pixels, ids, mask, masks)  # trunk recomputed
+    assert torch.allclose(out.logits, separate.logits, atol=1e-6) and torch.allclose(out.pred_boxes,
+                                                                                     separate.pred_boxes, atol=1e-6)
+
+
+def test_condition_layers_that_leave_no_layer_for_the_prompts_are_refused(small_world, tmp_path):
+    from diffprompt.core.errors import UserError
+
+    save_baby_foundation(tmp_path / "foundation", layers=2)
+    with pytest.raises(UserError, match="--condition-layers 2 1: each must leave at least one layer"):
+        train_prompt_dit.main(train_prompt_dit.build_parser().parse_args(
+            ["--preset", "baby", "--steps", "1", "--condition-layers", "2", "1", "--foundation",
+             str(tmp_path / "foundation"), "--mask-vae", "checkpoints/mask_vae", "--output", str(tmp_path / "dit"),
+             "--data-dir", str(small_world), "--run-root", str(tmp_path / "runs"), "--threads", "1",
+             "--no-progress"]))
+    assert not (tmp_path / "dit").exists()
+
+
+def test_a_single_pass_artifact_runs_the_foundation_once_and_answers_as_pytorch(single_pass, small_world, tmp_path):
+    """Export: the condition encoder outputs the trunk's hidden states, grounding continues from them
+    (no pixel_values input); the torch-free runtime answers as the PyTorch pipeline."""
+    import numpy as np
+    from PIL import Image
+
+    from diffprompt import cli
+    from diffprompt.core.runtime import GroundingRuntime
+    from diffprompt.training.data.mdetr import load_split
+
+    assert cli.main(["export", "--pipeline", str(single_pass / "dp"), "--steps", "3", "--out", str(tmp_path / "art"),
+                     "--threads", "1", "--no-progress"]) == 0
+    art = tmp_path / "art" / "dp-3steps"
+    graphs = json.loads((art / "manifest.json").read_text())["graphs"]
+    assert {"image_hidden", "text_hidden"} <= {o["name"] for o in graphs["condition_encoder"]["outputs"]}
+    assert [i["name"] for i in graphs["grounding"]["inputs"]] == [
+        "image_hidden", "text_hidden", "input_ids", "attention_mask", "vision_prompts", "text_prompts"]
+    runtime = GroundingRuntime.load(art)
+    pipe = DiffPromptPipeline.from_pretrained(single_pass / "dp", steps=3)
+    samples = load_split(small_world / "val.json")[:3]
+    pixels = np.stack([runtime.image_spec.preprocess(Image.open(s.image_path).convert("RGB")) for s in samples])
+    ids, mask = runtime.tokenizer([s.expression for s in samples])
+    got = runtime.score(pixels, ids, mask, [0, 5, 9])
+    want = pipe.score(pixels, ids.astype(np.int64), mask.astype(np.int64), [0, 5, 9])
+    logit = lambda p: np.log(p) - np.log1p(-p)
+    assert np.abs(logit(got[0]) - logit(want[0])).max() < 1e-3 and np.abs(got[1] - want[1]).max() < 1e-4

@@ -104,6 +104,20 @@ def test_the_learner_missing_mask_input_says_how_to_load_it(tmp_path):
         PromptLearner.from_pretrained(tmp_path)
 
 
+def test_configs_saved_before_the_single_pass_fields_load_as_the_two_passes_they_were(tmp_path):
+    """`first_layers` / `condition_layers` absent: [0, 0] and None (prompts from the input, conditions
+    after the last layers), what every earlier checkpoint computed; given, they are read as saved."""
+    learner = PromptLearner.from_config(LearnerConfig(method="diffprompt", mask_size=16))
+    learner.save_pretrained(tmp_path / "learner")
+    _edit_config(tmp_path / "learner", first_layers=None)
+    assert PromptLearner.from_pretrained(tmp_path / "learner").config.first_layers == [0, 0]
+    dit = PromptDiT(PromptDiTConfig(hidden_size=32, depth=1, num_heads=2, condition_layers=[1, 1]))
+    dit.save_pretrained(tmp_path / "dit")
+    assert PromptDiT.from_pretrained(tmp_path / "dit").config.condition_layers == [1, 1]
+    _edit_config(tmp_path / "dit", condition_layers=None)
+    assert PromptDiT.from_pretrained(tmp_path / "dit").config.condition_layers is None
+
+
 # ----------------------------------------------------------------------------- diffusers' layout
 
 

@@ -21,7 +21,7 @@ from diffprompt.core.boxes import boxes_to_pixels
 from diffprompt.training.data.grounding_dataset import RecDataset, rec_collate
 from diffprompt.training.evaluation.metrics import box_iou
 from diffprompt.training.evaluation.rec import expression_seeds
-from diffprompt.training.models.diffprompt import DiffPromptPipeline, foundation_conditions
+from diffprompt.training.models.diffprompt import DiffPromptPipeline, dit_conditions
 from diffprompt.training.models.prompt_learners import prompted_forward
 
 
@@ -37,7 +37,7 @@ def collect(pipeline: DiffPromptPipeline, samples, seeds: Sequence[int],
         pixels = batch["pixels"]
         index = batch["index"].tolist()
         with torch.no_grad():
-            cond = foundation_conditions(pipeline.foundation, pixels, ids, mask, True)
+            cond = dit_conditions(pipeline.foundation, pipeline.dit, pixels, ids, mask, tokens=True)
             log_prob = torch.log_softmax(pipeline.dit.prepare_conditions(**cond)["pointer_logits"].float(), -1)
             base = pipeline.foundation(pixels, ids, mask)
             per_seed = []

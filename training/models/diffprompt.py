@@ -53,20 +53,39 @@ SCHEDULER_FILE = "scheduler_config.json"
 @torch.no_grad()
 def foundation_conditions(
     foundation: GroundingModel, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, tokens: bool = True,
-    patch_scores: bool = True,
+    patch_scores: bool = True, layers: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The DiT's conditioning inputs from the unprompted foundation (see prompt_dit). With `tokens`, the
     towers' tokens too, and (unless `patch_scores` is False: Prompt Diffusion does not read them) the
-    foundation's standardised score of the expression per patch, which takes its heads' pass."""
-    image = foundation.encode_image(pixels)
-    text = foundation.encode_text(ids, mask)
-    cond = {"image_embed": image.pooled, "text_embed": text.query_embeds}  # (B, E), (B, E)
+    foundation's standardised score of the expression per patch, which takes its heads' pass.
+
+    `layers` (vision, text): single-pass mode. Only the towers' first layers run; the conditions are read
+    from their hidden states there (through the final norms, projections and heads, as if they were the
+    last), and the hidden states themselves are returned too, image_hidden (B, 1+P, Dv) and
+    text_hidden (B, T, Dt), for the prompted pass to continue from (`prompted_forward(trunk=...)`)."""
+    if layers is None:
+        image = foundation.encode_image(pixels)
+        text = foundation.encode_text(ids, mask)
+        cond = {}
+    else:
+        hidden_v, hidden_t = foundation.image_trunk(pixels, layers[0]), foundation.text_trunk(ids, mask, layers[1])
+        image, text = foundation.image_features(hidden_v), foundation.text_features(hidden_t, ids)
+        cond = {"image_hidden": hidden_v, "text_hidden": hidden_t}
+    cond.update(image_embed=image.pooled, text_embed=text.query_embeds)  # (B, E), (B, E)
     if tokens:
         cond.update(image_tokens=image.tokens, text_tokens=text.tokens, text_mask=mask.float())
     if tokens and patch_scores:
         logits = foundation.predict(image, text.query_embeds[:, None, :]).logits[..., 0]  # (B, P)
         cond["patch_scores"] = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-6)
     return cond
+
+
+def dit_conditions(foundation: GroundingModel, dit: PromptDiT, pixels: torch.Tensor, ids: torch.Tensor,
+                   mask: torch.Tensor, **options) -> dict[str, torch.Tensor]:
+    """`foundation_conditions` as `dit` reads them: its conditioning (pooled or tokens) and, in single-pass
+    mode, the layers it reads them at. `options`: tokens / patch_scores overrides."""
+    options.setdefault("tokens", dit.config.conditioning == "tokens")
+    return foundation_conditions(foundation, pixels, ids, mask, layers=dit.config.condition_layers, **options)
 
 
 def load_foundation(directory: str | Path) -> tuple[GroundingModel, QueryTokenizer]:
@@ -155,12 +174,20 @@ class DiffPromptPipeline:
     def generate_masks(self, pixels, ids, mask, seeds: Sequence[int], cond: dict | None = None) -> torch.Tensor:
         """Decoded mask logits (B, n, 1, m, m) for the learner's n prompted layers."""
         if cond is None:
-            cond = foundation_conditions(self.foundation, pixels, ids, mask, self.dit.config.conditioning == "tokens")
+            cond = dit_conditions(self.foundation, self.dit, pixels, ids, mask)
         n = self.learner.mask_layers
         latents = sample_prompt_latents(self.dit, self.scheduler, cond, seeds, self.steps, n)  # (B, n, C, h, w)
         B = latents.shape[0]
         logits = decode_latents(self.vae, latents.flatten(0, 1))  # (B*n, 1, m, m)
         return logits.view(B, n, *logits.shape[1:])
+
+    @property
+    def single_pass(self) -> bool:
+        """The DiT reads its conditions at the layers where the learner's prompts enter: one foundation
+        pass per query (its first layers shared), instead of an unprompted and a prompted pass."""
+        layers = self.dit.config.condition_layers if self.dit is not None else None
+        return (layers is not None and self.learner is not None
+                and list(self.learner.config.first_layers) == list(layers))
 
     @property
     def image_spec(self):
@@ -182,14 +209,19 @@ class DiffPromptPipeline:
         `pointer_only` the output's logits are the fused / pointer scores."""
         masks = cond = values = None
         pointer = self.dit is not None and (self.pointer_only or self.pointer_weight)
-        if pointer or self.prompt_diffusion is not None:  # one unprompted pass serves the DiT and Prompt Diffusion
+        needs_masks = self.learner is not None and self.learner.needs_masks
+        if pointer or self.prompt_diffusion is not None or (needs_masks and self.single_pass):
+            # one unprompted pass serves the DiT, Prompt Diffusion and (single pass) the prompted pass
             token_dit = self.dit is not None and self.dit.config.conditioning == "tokens"
-            cond = foundation_conditions(self.foundation, pixels, ids, mask, True, patch_scores=pointer or token_dit)
-        if self.learner is not None and self.learner.needs_masks:
+            layers = self.dit.config.condition_layers if self.dit is not None else None
+            cond = foundation_conditions(self.foundation, pixels, ids, mask, True, patch_scores=pointer or token_dit,
+                                         layers=layers)
+        if needs_masks:
             masks = self.generate_masks(pixels, ids, mask, seeds, cond)
         if self.prompt_diffusion is not None:  # the learner's prompts, generated for each query
             values = sample_prompts(self.prompt_diffusion, self.prompt_sampler, cond, seeds, self.steps)
-        out = prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks, values)
+        trunk = cond if needs_masks and self.single_pass else None  # the prompted pass continues the trunk
+        out = prompted_forward(self.foundation, self.learner, pixels, ids, mask, masks, values, trunk)
         if self.pointer_only:
             out.logits = self.pointer_map(cond)[..., None].to(out.logits.dtype)
         elif self.pointer_weight:

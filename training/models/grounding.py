@@ -177,14 +177,18 @@ class Encoder(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, N, D)
-        prompts: torch.Tensor | None = None,  # (B, depth, L, D)
+        x: torch.Tensor,  # (B, N, D): the hidden state entering layer `start`
+        prompts: torch.Tensor | None = None,  # (B, depth, L, D): prompts[:, j] enters layer start + j
         attn_bias_fn=None,  # L -> additive bias (B or 1, 1, L+N, L+N), or None
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
+        """Layers start .. stop-1 (all by default) -> the hidden state (B, N, D) after them."""
+        layers = self.layers[start:stop]
         depth = 0 if prompts is None else prompts.shape[1]
-        if depth > len(self.layers):
-            raise ValueError(f"prompt depth {depth} exceeds the tower's {len(self.layers)} layers")
-        for i, layer in enumerate(self.layers):
+        if depth > len(layers):
+            raise ValueError(f"prompt depth {depth} exceeds the tower's {len(layers)} layers from layer {start}")
+        for i, layer in enumerate(layers):
             n_prompt = prompts.shape[2] if i < depth else 0
             if n_prompt:
                 x = torch.cat([prompts[:, i].to(x.dtype), x], dim=1)  # (B, L+N, D): prompts in front
@@ -250,10 +254,13 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(v)
         self.post_layernorm = nn.LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
 
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The hidden state entering layer 0 (B, 1+P, Dv)."""
+        return self.pre_layernorm(self.embeddings(pixel_values))
+
     def forward(self, pixel_values: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden state (B, 1+P, Dv), before post_layernorm."""
-        x = self.pre_layernorm(self.embeddings(pixel_values))
-        return self.encoder(x, prompts)
+        return self.encoder(self.embed(pixel_values), prompts)
 
 
 class TextEmbeddings(nn.Module):
@@ -290,11 +297,13 @@ class TextTransformer(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prompts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden state (Q, T, Dt), pooled at EOS (Q, Dt)). EOS = the largest id, as in CLIP."""
-        Q = input_ids.shape[0]
-        x = self.embeddings(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        return self.finish(self.layers(self.embeddings(input_ids), attention_mask, prompts), input_ids)
 
+    def layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None, prompts: torch.Tensor | None = None,
+               start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The hidden state x (Q, T, Dt) entering layer `start` through layers start .. stop-1."""
+        if attention_mask is None:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         biases: dict[int, torch.Tensor] = {}  # by prompt length: built once, shared by the layers
         dtype = x.dtype
 
@@ -303,10 +312,13 @@ class TextTransformer(nn.Module):
                 biases[n_prompt] = causal_padding_bias(attention_mask, n_prompt, dtype)
             return biases[n_prompt]
 
-        x = self.final_layer_norm(self.encoder(x, prompts, attn_bias))
+        return self.encoder(x, prompts, attn_bias, start, stop)
+
+    def finish(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A hidden state (Q, T, Dt) -> (it after final_layer_norm, that pooled at EOS (Q, Dt))."""
+        x = self.final_layer_norm(hidden)
         eos = input_ids.to(torch.int32).argmax(dim=-1)  # (Q,)
-        pooled = x[torch.arange(Q, device=x.device), eos]  # (Q, Dt)
-        return x, pooled
+        return x, x[torch.arange(x.shape[0], device=x.device), eos]
 
 
 # ----------------------------------------------------------------------------- heads
@@ -469,17 +481,49 @@ class GroundingModel(PretrainedModel):
 
     def encode_image(self, pixel_values: torch.Tensor, prompts: torch.Tensor | None = None) -> ImageFeatures:
         """pixel_values (B, 3, S, S) normalised; prompts (B, depth, L, Dv) or None."""
-        hidden = self.vision_model(pixel_values, prompts)  # (B, 1+P, Dv)
-        tokens = self.vision_model.post_layernorm(hidden)
-        pooled = self.visual_projection(tokens[:, 0])  # (B, E)
-        patch = tokens[:, 1:] * tokens[:, :1]  # (B, P, Dv): OWL merges the CLS token into patches
-        return ImageFeatures(tokens=tokens, patch_embeds=self.layer_norm(patch), pooled=pooled)
+        return self.image_features(self.vision_model(pixel_values, prompts))
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None
     ) -> TextFeatures:
         """input_ids (Q, T); prompts (Q, depth, L, Dt) or None."""
         tokens, pooled = self.text_model(input_ids, attention_mask, prompts)
+        return TextFeatures(tokens=tokens, query_embeds=self.text_projection(pooled))
+
+    # -- one pass split at a layer (single-pass mode) -------------------------------------------
+    # image_trunk / text_trunk run a tower's first k layers without prompts; continue_image /
+    # continue_text run the rest from that hidden state with prompts entering at layer k. Together
+    # they equal encode_image / encode_text with the prompts in layers k.. (tests/training/test_grounding_split).
+
+    def image_trunk(self, pixel_values: torch.Tensor, layers: int) -> torch.Tensor:
+        """The image tower's first `layers` layers, unprompted: hidden state (B, 1+P, Dv)."""
+        return self.vision_model.encoder(self.vision_model.embed(pixel_values), stop=layers)
+
+    def text_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: int) -> torch.Tensor:
+        """The text tower's first `layers` layers, unprompted: hidden state (Q, T, Dt)."""
+        return self.text_model.layers(self.text_model.embeddings(input_ids), attention_mask, stop=layers)
+
+    def continue_image(self, hidden: torch.Tensor, start: int, prompts: torch.Tensor | None = None) -> ImageFeatures:
+        """image_trunk's hidden state at layer `start` through the remaining layers, prompts[:, j] entering
+        layer start + j."""
+        return self.image_features(self.vision_model.encoder(hidden, prompts, start=start))
+
+    def continue_text(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      start: int, prompts: torch.Tensor | None = None) -> TextFeatures:
+        """text_trunk's hidden state at layer `start` through the remaining layers (prompts as continue_image)."""
+        return self.text_features(self.text_model.layers(hidden, attention_mask, prompts, start=start), input_ids)
+
+    def image_features(self, hidden: torch.Tensor) -> ImageFeatures:
+        """A vision hidden state (B, 1+P, Dv), the last or an earlier layer's, through the post-layernorm,
+        projection and CLS merge that the heads read."""
+        tokens = self.vision_model.post_layernorm(hidden)
+        pooled = self.visual_projection(tokens[:, 0])  # (B, E)
+        patch = tokens[:, 1:] * tokens[:, :1]  # (B, P, Dv): OWL merges the CLS token into patches
+        return ImageFeatures(tokens=tokens, patch_embeds=self.layer_norm(patch), pooled=pooled)
+
+    def text_features(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> TextFeatures:
+        """A text hidden state (Q, T, Dt) through the final layernorm, EOS pooling and projection."""
+        tokens, pooled = self.text_model.finish(hidden, input_ids)
         return TextFeatures(tokens=tokens, query_embeds=self.text_projection(pooled))
 
     # -- heads ----------------------------------------------------------------------------------

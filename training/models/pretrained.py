@@ -28,6 +28,7 @@ into a staging directory that then replaces the target (training/utils/checkpoin
 
 from __future__ import annotations
 
+import copy
 import json
 import typing
 from dataclasses import asdict, fields, is_dataclass
@@ -66,9 +67,13 @@ def config_from_dict(config_class: type, values: dict[str, Any], source: Path | 
     """`config_class(**values)`, with nested config dataclasses and tuples rebuilt from JSON.
 
     Every field must be given: a missing field is an error naming it (and the field's `missing`
-    metadata, if it says why), never a silent default."""
+    metadata, if it says why), never a silent default. The one exception is a field with `absent`
+    metadata: the value that reproduces exactly what every checkpoint saved before the field existed
+    computed (e.g. `first_layers` [0, 0]: prompts from the input layer), so older configs still load."""
     names = [f.name for f in fields(config_class)]
     unknown = sorted(set(values) - set(names))
+    values = {**{f.name: copy.deepcopy(f.metadata["absent"]) for f in fields(config_class)
+                 if f.name not in values and "absent" in f.metadata}, **values}
     missing = [f for f in fields(config_class) if f.name not in values]
     if unknown:
         raise CheckpointError(f"{source}: unknown {config_class.__name__} field(s) {unknown}")

@@ -38,7 +38,7 @@ checkpoints; the noise epsilon in the paper). Inputs:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,10 @@ class PromptDiTConfig:
     text_token_dim: int = 128
     image_grid: int = 8  # the foundation's patch grid side (tokens mode: position of each patch token)
     context_layers: int = 0  # tokens mode: layers over the joint condition tokens + pointer head (0 = none)
+    # Single-pass mode: the conditions are read after these (vision, text) layers of the unprompted pass,
+    # whose hidden states the prompted pass then continues from (prompts enter there); None = after the
+    # last layers, with a second, full prompted pass (the paper's two passes)
+    condition_layers: list[int] | None = field(default=None, metadata={"absent": None})
 
 
 PROMPT_DIT_PRESETS = {
@@ -324,9 +328,10 @@ class PromptDiT(PretrainedModel):
         return ("image_embed", "text_embed", "cross_kv", "key_bias", "maps")
 
     def prepare_conditions(self, image_embed, text_embed, image_tokens=None, text_tokens=None, text_mask=None,
-                           patch_scores=None) -> dict[str, torch.Tensor | None]:
+                           patch_scores=None, image_hidden=None, text_hidden=None) -> dict[str, torch.Tensor | None]:
         """Everything that depends on the conditions only, not on (latents, t): computed once per
-        sample by the sampler and reused at every DDIM step (`denoise`).
+        sample by the sampler and reused at every DDIM step (`denoise`). image_hidden / text_hidden (the
+        single-pass trunk's states, in `foundation_conditions(layers=...)`'s output) are not read.
 
         -> image_embed (B, Ei), text_embed (B, Et), context (B, S, D) | None, key_bias (B, 1, 1, S) | None,
            maps (B, k, g, g) | None (spatial condition channels), cross_kv (B, depth, S, 2D) | None (every

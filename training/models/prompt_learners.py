@@ -20,8 +20,8 @@ one `LearnerConfig`, whose `method` names its class: `PromptLearner.from_config`
 One config for all (a method ignores the fields it does not read) keeps one file format and lets
 the command line pass the same options to every method.
 
-Prompt depth counts layers from the input; it is capped by each tower's depth (the embedded
-default: 6 image layers, 3 text layers; depth 9 -> 6 and 3).
+Prompt depth counts layers from the input (from `first_layers` in single-pass mode); it is capped
+by each tower's depth (the embedded default: 6 image layers, 3 text layers; depth 9 -> 6 and 3).
 
 Diff-Prompt's adapters: the decoded mask of layer i (B, 1, m, m) is standardised per mask (zero
 mean, unit variance over its pixels; `mask_input="tanh"` squashes the logits instead), then goes
@@ -73,6 +73,10 @@ class LearnerConfig:
         "missing": "a learner saved before 'mask_input' existed reads tanh of its mask logits: add "
                    '"mask_input": "tanh" to its config.json to load it with the input it was trained with'})
     adapter_ratio: float = 0.2  # CLIP-Adapter
+    # The layers of (vision, text) where the prompts enter: [0, 0] = from the input. Above 0 (single-pass
+    # mode, Diff-Prompt) the layers below run unprompted and once, shared with the DiT's conditions
+    # (`prompted_forward(trunk=...)`), and the prompt depth counts from there.
+    first_layers: list[int] = field(default_factory=lambda: [0, 0], metadata={"absent": [0, 0]})
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -162,8 +166,12 @@ class PromptLearner(PretrainedModel):
         super().__init__(config)
         if config.method != self.method:
             raise ValueError(f"{type(self).__name__} is method {self.method!r}, the config says {config.method!r}")
-        self.vision_depth = min(config.depth, config.vision_layers) if "vision" in self.towers else 0
-        self.text_depth = min(config.depth, config.text_layers) if "text" in self.towers else 0
+        first_v, first_t = config.first_layers
+        if not (0 <= first_v < config.vision_layers and 0 <= first_t < config.text_layers):
+            raise ValueError(f"first_layers {list(config.first_layers)} must leave a layer of each tower "
+                             f"({config.vision_layers} vision, {config.text_layers} text)")
+        self.vision_depth = min(config.depth, config.vision_layers - first_v) if "vision" in self.towers else 0
+        self.text_depth = min(config.depth, config.text_layers - first_t) if "text" in self.towers else 0
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -352,13 +360,28 @@ def prompted_forward(
     mask: torch.Tensor,  # (B, T)
     masks: torch.Tensor | None = None,  # (B, n, 1, m, m) decoded mask logits (Diff-Prompt)
     values: dict[str, torch.Tensor] | None = None,  # per-sample prompt tensors (Prompt Diffusion)
+    trunk: dict[str, torch.Tensor] | None = None,  # single-pass: image_hidden / text_hidden at first_layers
 ) -> GroundingOutput:
-    """The foundation with the learner's prompts / adapters / heads: logits (B, P, 1), boxes (B, P, 4)."""
+    """The foundation with the learner's prompts / adapters / heads: logits (B, P, 1), boxes (B, P, 4).
+
+    A learner whose prompts enter above layer 0 (`first_layers`, single-pass mode) continues the towers
+    from the hidden states there: `trunk`'s (the conditions pass's, `foundation_conditions(layers=...)`),
+    or computed here without gradient when not given."""
     vision_prompts = text_prompts = None
     if learner is not None:
         vision_prompts, text_prompts = learner.prompts(pixels.shape[0], masks, values)
-    image = foundation.encode_image(pixels, vision_prompts)
-    query = foundation.encode_text(ids, mask, text_prompts).query_embeds[:, None, :]  # (B, 1, E)
+    first_v, first_t = learner.config.first_layers if learner is not None else (0, 0)
+    if first_v or first_t:
+        if trunk is None:
+            with torch.no_grad():  # the frozen, unprompted layers below the prompts
+                trunk = {"image_hidden": foundation.image_trunk(pixels, first_v),
+                         "text_hidden": foundation.text_trunk(ids, mask, first_t)}
+        image = foundation.continue_image(trunk["image_hidden"], first_v, vision_prompts)
+        text = foundation.continue_text(trunk["text_hidden"], ids, mask, first_t, text_prompts)
+    else:
+        image = foundation.encode_image(pixels, vision_prompts)
+        text = foundation.encode_text(ids, mask, text_prompts)
+    query = text.query_embeds[:, None, :]  # (B, 1, E)
     if learner is None:
         return foundation.predict(image, query)
     return learner.predict(foundation, image, query)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffprompt.core.errors import UserError
 from diffprompt.core.image_spec import ImageSpec
 from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import RecArrays, data_digest, load_rec_arrays
@@ -42,8 +43,10 @@ EMA_FILE, BEST_DIR = "ema.safetensors", "best"
 
 @torch.no_grad()
 def compute_conditions(foundation, tokenizer, data: RecArrays, tokens: bool, batch_size: int = 64,
-                       progress: bool = True, workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Each batch's DiT conditions in sample order ({name: (B, ...) float32 ndarray}), pixels decoded per batch."""
+                       progress: bool = True, workers: int = 0, layers: Sequence[int] | None = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """Each batch's DiT conditions in sample order ({name: (B, ...) float32 ndarray}), pixels decoded per batch;
+    `layers` (vision, text): read there (single-pass mode; the trunk's hidden states are not kept)."""
     device = next(foundation.parameters()).device
     batches = data.sequential_batches(batch_size)
     pixels = data.pixel_batches(batches, workers)
@@ -51,24 +54,26 @@ def compute_conditions(foundation, tokenizer, data: RecArrays, tokens: bool, bat
                         leave=False):
         ids, mask = tokenizer([data.samples[i].expression for i in idx])
         cond = foundation_conditions(foundation, px.to(device), torch.from_numpy(ids).to(device),
-                                     torch.from_numpy(mask).to(device), tokens)
-        yield {k: v.float().cpu().numpy() for k, v in cond.items()}
+                                     torch.from_numpy(mask).to(device), tokens, layers=layers)
+        yield {k: v.float().cpu().numpy() for k, v in cond.items() if k not in ("image_hidden", "text_hidden")}
 
 
 def cached_conditions(run: StageRunner, args: argparse.Namespace, foundation, tokenizer, data: RecArrays,
-                      tokens: bool) -> RowArrays:
+                      tokens: bool, layers: Sequence[int] | None = None) -> RowArrays:
     """The split's DiT conditions on disk (`cache_dir(args)/conditions-<key>/`), computed once by rank 0.
 
     The key hashes the foundation directory's files, the samples (image files, expressions) and the
-    image spec, the conditioning and the stored dtype: another foundation or other data never reads it."""
-    key = file_digest([args.foundation], f"{data_digest(data.samples, data.spec)}|{tokens}|{args.cache_dtype}")
+    image spec, the conditioning, the layers they are read at (single-pass mode) and the stored dtype:
+    another foundation or other data never reads it."""
+    where = "" if layers is None else f"|layers {list(layers)}"  # the two-pass key stays what it was
+    key = file_digest([args.foundation], f"{data_digest(data.samples, data.spec)}|{tokens}|{args.cache_dtype}{where}")
     directory = cache_dir(args) / f"conditions-{key}"
     progress = args.progress and run.is_main
 
     def compute() -> None:
         cached_rows(directory, len(data), lambda: compute_conditions(
             foundation, tokenizer, data, tokens, batch_size=args.frozen_batch_size, progress=progress,
-            workers=args.workers), dtype=args.cache_dtype)
+            workers=args.workers, layers=layers), dtype=args.cache_dtype)
 
     run.main_first(compute)
     return RowArrays(directory)
@@ -112,6 +117,17 @@ def main(args: argparse.Namespace) -> dict:
         return train(run, args)
 
 
+def condition_layers(args: argparse.Namespace, fcfg) -> list[int] | None:
+    """--condition-layers KV KT checked against the towers (single-pass mode), or None (two passes)."""
+    if not args.condition_layers:
+        return None
+    kv, kt = args.condition_layers
+    if not (0 <= kv < fcfg.vision.num_hidden_layers and 0 <= kt < fcfg.text.num_hidden_layers):
+        raise UserError(f"--condition-layers {kv} {kt}: each must leave at least one layer of its tower for the "
+                        f"prompts (the towers have {fcfg.vision.num_hidden_layers} and {fcfg.text.num_hidden_layers})")
+    return [kv, kt]
+
+
 def train(run: StageRunner, args: argparse.Namespace) -> dict:
     log = run.log
     resolve_precision(args, run.device, log)
@@ -125,7 +141,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
         latent_channels=vae_cfg.latent_channels, latent_size=vae_cfg.latent_size, conditioning=args.conditioning,
         image_embed_dim=fcfg.projection_dim, text_embed_dim=fcfg.projection_dim,
         image_token_dim=fcfg.vision.hidden_size, text_token_dim=fcfg.text.hidden_size, image_grid=fcfg.grid_size,
-        context_layers=args.context_layers if tokens else 0, **PROMPT_DIT_PRESETS[args.preset],
+        context_layers=args.context_layers if tokens else 0, condition_layers=condition_layers(args, fcfg),
+        **PROMPT_DIT_PRESETS[args.preset],
     )).to(run.device)
     vae = MaskVAE.from_pretrained(args.mask_vae).requires_grad_(False)
     m = vae.config.sample_size
@@ -133,8 +150,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     train_json, val_json = split_paths(run, args, "train", "val")
     train_data = load_rec_arrays(load_split(train_json, args.image_root), spec, m, progress=args.progress)
     val = load_rec_arrays(load_split(val_json, args.image_root, args.val_limit), spec, m, progress=args.progress)
-    cond = cached_conditions(run, args, foundation, tokenizer, train_data, tokens)  # on disk, read per batch
-    val_cond = cached_conditions(run, args, foundation, tokenizer, val, tokens)
+    layers = dit.config.condition_layers
+    cond = cached_conditions(run, args, foundation, tokenizer, train_data, tokens, layers)  # on disk, read per batch
+    val_cond = cached_conditions(run, args, foundation, tokenizer, val, tokens, layers)
     del foundation  # the conditions are all the DiT needs
     latents = torch.cat([encode_masks(vae, train_data.masks[lo: lo + 256]) for lo in range(0, len(train_data), 256)])
     pointer_targets = referred_patch(train_data.masks, fcfg.grid_size)  # (N,) the patch holding each referred object

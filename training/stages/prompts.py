@@ -34,6 +34,7 @@ from diffprompt.training.losses import DetectionTargets, detection_loss, match
 from diffprompt.training.models.diffprompt import DiffPromptPipeline, load_dit, load_foundation, write_pipeline_file
 from diffprompt.training.models.mask_vae import MaskVAE
 from diffprompt.training.models.pretrained import CONFIG_NAME, WEIGHTS_NAME
+from diffprompt.training.models.prompt_dit import PromptDiT
 from diffprompt.training.models.prompt_learners import PromptLearner, prompted_forward
 from diffprompt.training.stages.runner import StageRunner, TrainStep, cache_dir, resolve_precision, split_paths
 
@@ -125,6 +126,8 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     options = {}
     if args.method == "diffprompt":  # the adapters read masks of the Mask-VAE's size
         options = {"mask_size": MaskVAE.load_config(args.mask_vae).sample_size, "mask_input": args.mask_input}
+        # single-pass mode: the prompts enter where the DiT reads its conditions
+        options["first_layers"] = PromptDiT.load_config(args.prompt_dit).condition_layers or [0, 0]
     learner = PromptLearner.for_foundation(foundation, args.method, depth=args.depth, length=args.length, **options)
     pipeline = DiffPromptPipeline(foundation, tokenizer, learner, steps=args.ddim_steps)
     if learner.needs_masks:
