@@ -58,7 +58,7 @@ def main() -> None:
     with torch.no_grad():
         batches = data.sequential_batches(128)
         conds = compute_conditions(foundation, tokenizer, data, dit.config.conditioning == "tokens", batch_size=128,
-                                   progress=False)
+                                   progress=False, layers=dit.config.condition_layers)
         stats: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         recall = RecallAccumulator(ks=(1,))  # the evaluator's own R@1 (IoU >= 0.5)
         for idx, c, pixels in zip(batches, conds, data.pixel_batches(batches)):

@@ -283,3 +283,46 @@ def test_a_single_pass_artifact_runs_the_foundation_once_and_answers_as_pytorch(
     want = pipe.score(pixels, ids.astype(np.int64), mask.astype(np.int64), [0, 5, 9])
     logit = lambda p: np.log(p) - np.log1p(-p)
     assert np.abs(logit(got[0]) - logit(want[0])).max() < 1e-3 and np.abs(got[1] - want[1]).max() < 1e-4
+
+
+def test_prompt_diffusion_on_a_single_pass_diffprompt_reads_its_conditions_at_the_same_layers(
+        single_pass, small_world, tmp_path):
+    """Prompt Diffusion on the single-pass pipeline's global prompts trains on the conditions read at the
+    DiT's layers (where the pipeline reads them when it serves); the exported artifact answers as PyTorch."""
+    import numpy as np
+    from PIL import Image
+
+    from diffprompt import cli
+    from diffprompt.core.runtime import GroundingRuntime
+    from diffprompt.training import train_prompt_diffusion
+    from diffprompt.training.data.mdetr import load_split
+
+    train_prompt_diffusion.main(train_prompt_diffusion.build_parser().parse_args(
+        ["--base", str(single_pass / "dp"), "--train-steps", "2", "--batch-size", "8", "--overfit-steps", "1",
+         "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "2", "--frozen-batch-size", "8",
+         "--data-dir", str(small_world), "--cache-dir", str(tmp_path / "cache"), "--run-root", str(tmp_path / "runs"),
+         "--threads", "1", "--no-progress", "--output", str(tmp_path / "pd")]))
+    from diffprompt.training.data.grounding_dataset import load_pixels
+    from diffprompt.training.data.row_cache import RowArrays
+    from diffprompt.training.models.diffprompt import foundation_conditions
+
+    pipe = DiffPromptPipeline.from_pretrained(tmp_path / "pd", steps=2)
+    (conditions,) = (tmp_path / "cache").glob("conditions-*")
+    cached = RowArrays(conditions).files["image_embed"][0]  # train expression 0
+    first = load_split(small_world / "train.json")[0]
+    pixels = torch.from_numpy(load_pixels(first, pipe.image_spec)[None])
+    ids, mask = (torch.from_numpy(a.astype("int64")) for a in pipe.tokenizer([first.expression]))
+    at_layers = foundation_conditions(pipe.foundation, pixels, ids, mask, layers=[1, 1])["image_embed"][0].numpy()
+    at_the_end = foundation_conditions(pipe.foundation, pixels, ids, mask)["image_embed"][0].numpy()
+    assert np.allclose(cached, at_layers, atol=1e-3) and not np.allclose(cached, at_the_end, atol=1e-3)
+    assert pipe.single_pass and pipe.prompt_diffusion is not None
+    assert cli.main(["export", "--pipeline", str(tmp_path / "pd"), "--steps", "2", "--out", str(tmp_path / "art"),
+                     "--threads", "1", "--no-progress"]) == 0
+    runtime = GroundingRuntime.load(tmp_path / "art" / "pd-2steps")
+    samples = load_split(small_world / "val.json")[:2]
+    pixels = np.stack([runtime.image_spec.preprocess(Image.open(s.image_path).convert("RGB")) for s in samples])
+    ids, mask = runtime.tokenizer([s.expression for s in samples])
+    got = runtime.score(pixels, ids, mask, [3, 4])
+    want = pipe.score(pixels, ids.astype(np.int64), mask.astype(np.int64), [3, 4])
+    logit = lambda p: np.log(p) - np.log1p(-p)
+    assert np.abs(logit(got[0]) - logit(want[0])).max() < 1e-3 and np.abs(got[1] - want[1]).max() < 1e-4

@@ -128,7 +128,9 @@ def train(run: StageRunner, args: argparse.Namespace) -> dict:
     args.cache_dtype = "float32"
     seconds = {"load": time.time() - started}  # wall clock per part of the stage
     t0 = time.time()
-    cond = cached_conditions(run, args, foundation, tokenizer, train_data, True)
+    # read where the pipeline reads them at serving time: a single-pass Diff-Prompt base reads its DiT's layers
+    layers = pipeline.dit.config.condition_layers if learner.needs_masks else None
+    cond = cached_conditions(run, args, foundation, tokenizer, train_data, True, layers)
     seconds["conditions"] = time.time() - t0
 
     # 2. the overfitted targets, on disk
