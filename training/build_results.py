@@ -60,8 +60,9 @@ LABELS = {"foundation": "Frozen foundation (zero-shot)", "vpt": "VPT-deep", "coo
           "pointer-fused": "Foundation + pointer fusion (no diffusion, no prompts; weight chosen on val)",
           "diffprompt-pooled": "Diff-Prompt, pooled conditioning (paper)",
           "diffprompt-tokens": "Diff-Prompt, token conditioning (ours)",
-          "diffprompt-tokens-fused": "Diff-Prompt, token conditioning + pointer fusion (weight chosen on val)"}
-MODES = ("diffprompt-pooled", "diffprompt-tokens", "diffprompt-tokens-fused")
+          "diffprompt-tokens-fused": "Diff-Prompt, token conditioning + pointer fusion (weight chosen on val)",
+          "diffprompt-single": "Diff-Prompt, single pass (token conditioning read inside the one foundation pass)"}
+MODES = ("diffprompt-pooled", "diffprompt-tokens", "diffprompt-tokens-fused", "diffprompt-single")
 SIMPLER = ("pointer", "pointer-fused")  # uses of Diff-Prompt's parts without diffusion: the pipeline must beat them
 SERVED_STEPS = "5"  # the service's DDIM step count: what the best mode is chosen at
 # Stages 1-2 of the committed generators, timed alone on the 2-core machine (docs/results.md,
@@ -103,7 +104,7 @@ class Job:
 
 
 def plan(seeds: list[int], depths: list[int], ablation_steps: list[int],
-         tower_layers: tuple[int, int] = (6, 3)) -> list[Job]:
+         tower_layers: tuple[int, int] = (6, 3), single_pass: bool = False) -> list[Job]:
     """Every job of the table. A depth whose capped layout (image layers, text layers) equals
     depth 9's is the main run already and gets no job of its own. The adapter-input ablation
     (tanh of the mask logits instead of standardised masks) runs for every seed."""
@@ -114,6 +115,8 @@ def plan(seeds: list[int], depths: list[int], ablation_steps: list[int],
         jobs.append(Job(f"diffprompt-pooled-s{seed}", "diffprompt", seed, "pooled", eval_steps=[25, 5]))
         jobs.append(Job(f"diffprompt-tokens-s{seed}", "diffprompt", seed, "tokens",
                         eval_steps=sorted(set(ablation_steps) | {25, 5}, reverse=True)))
+        if single_pass:  # stage 3 on the single-pass DiT (--dit-single): the mode that runs the foundation once
+            jobs.append(Job(f"diffprompt-single-s{seed}", "diffprompt", seed, "single", eval_steps=[25, 5]))
     layout = lambda d: (min(d, tower_layers[0]), min(d, tower_layers[1]))
     for depth in depths:
         if layout(depth) != layout(9):
@@ -641,7 +644,7 @@ def committed_generator_seconds(args: argparse.Namespace) -> dict:
     same = lambda key: Path(getattr(args, key)).resolve() == Path(getattr(defaults, key)).resolve()
     return {"mask_vae": COMMITTED_GENERATOR_SECONDS["mask_vae"] if same("mask_vae") else None,
             **{mode: COMMITTED_GENERATOR_SECONDS[mode] if same(f"dit_{mode}") and same("mask_vae") else None
-               for mode in ("pooled", "tokens")}}
+               for mode in ("pooled", "tokens")}, "single": None}
 
 
 def run_jobs(jobs: list[Job], cfg: dict, workers: int, bar, log) -> list[dict]:
@@ -670,7 +673,8 @@ def main(args: argparse.Namespace) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     cfg = {"work_dir": str(work), "foundation": args.foundation, "mask_vae": args.mask_vae,
-           "dit_pooled": args.dit_pooled, "dit_tokens": args.dit_tokens, "data_dir": args.data_dir,
+           "dit_pooled": args.dit_pooled, "dit_tokens": args.dit_tokens, "dit_single": args.dit_single,
+           "data_dir": args.data_dir,
            "epochs": args.epochs, "threads": args.threads, "image_root": args.image_root,
            "sampling_seeds": args.sampling_seeds, "fusion_weights": args.fusion_weights,
            "shift_splits": args.shift_splits, "pd_train_steps": args.pd_train_steps,
@@ -685,7 +689,7 @@ def main(args: argparse.Namespace) -> int:
         train_generators(args, cfg)
     fcfg = json.loads((Path(args.foundation) / "config.json").read_text())
     layers = (fcfg["vision"]["num_hidden_layers"], fcfg["text"]["num_hidden_layers"])
-    jobs = plan(args.seeds, args.depths, args.ablation_steps, layers)
+    jobs = plan(args.seeds, args.depths, args.ablation_steps, layers, single_pass=args.dit_single is not None)
     if args.only:
         chosen = [j for j in jobs if any(j.name.startswith(o) for o in args.only)]
         bases = {j.base_job for j in chosen if j.base_job}  # a Prompt Diffusion job needs its base learner
@@ -723,6 +727,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--mask-vae", default="checkpoints/mask_vae")
     p.add_argument("--dit-pooled", default="checkpoints/prompt_dit_pooled")
     p.add_argument("--dit-tokens", default="checkpoints/prompt_dit_tokens")
+    p.add_argument("--dit-single", default=None,
+                   help="a single-pass DiT (diffprompt train-dit --condition-layers ...): adds the diffprompt-single "
+                        "rows, stage 3 on it for every seed (default: none)")
     p.add_argument("--from-scratch", action="store_true", help="train the Mask-VAE and both DiTs into --work-dir first")
     p.add_argument("--data-dir", default="data/synthetic")
     add_image_root_arg(p)

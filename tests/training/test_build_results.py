@@ -59,6 +59,23 @@ def test_report_picks_best_mode_and_baseline_on_val():
     assert checks["val R@1 of the best mode minus the pointer ranking's (> 0)"] == pytest.approx(100 * (0.594 - 0.5))
 
 
+def test_the_single_pass_mode_is_a_row_for_every_seed_and_can_be_chosen_on_val():
+    """--dit-single adds diffprompt-single-s{seed} (stage 3 on the single-pass DiT), a mode like the others:
+    chosen when its val R@1 is the highest, whatever the test splits say."""
+    assert not any(j.conditioning == "single" for j in plan([0], [9], [5]))
+    single = [j for j in plan([0, 1, 2], [9], [5], single_pass=True) if j.conditioning == "single"]
+    assert [(j.name, j.row, j.eval_steps, j.stochastic) for j in single] == [
+        (f"diffprompt-single-s{s}", "diffprompt-single", [25, 5], True) for s in (0, 1, 2)]
+    results = [_result(Job("foundation", "foundation"), {"val": 0.30, "testA": 0.40, "testB": 0.20})]
+    for seed in (0, 1):
+        for mode, r1 in {"tokens": {"val": 0.50, "testA": 0.70, "testB": 0.50},
+                         "single": {"val": 0.55, "testA": 0.60, "testB": 0.40}}.items():
+            results.append(_result(Job(f"diffprompt-{mode}-s{seed}", "diffprompt", seed, mode, eval_steps=[25, 5]), r1))
+    report, data = render_report(results, "diffprompt results --dit-single runs/dit_single", [0, 1])
+    assert data["checks"]["best mode (highest val R@1 at the served steps)"] == "diffprompt-single, 5 DDIM steps"
+    assert build_results.LABELS["diffprompt-single"] in report
+
+
 def test_plan_has_every_row_for_every_seed():
     jobs = plan([0, 1, 2], [1, 3, 6, 9], [5, 10, 25])
     names = {j.name for j in jobs}
