@@ -26,7 +26,7 @@ import argparse
 from diffprompt.training.options import add_data_args, add_precision_arg, add_run_args
 from diffprompt.training.utils.resume import add_resume_args
 
-PRESETS = ("baby", "embedded", "official")  # = models.prompt_dit.PROMPT_DIT_PRESETS (tests/training/test_cli)
+PRESETS = ("baby", "embedded", "small", "official")  # = models.prompt_dit.PROMPT_DIT_PRESETS (tests/training/test_cli)
 
 
 def main(args: argparse.Namespace) -> dict:

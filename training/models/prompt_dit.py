@@ -72,6 +72,9 @@ class PromptDiTConfig:
 PROMPT_DIT_PRESETS = {
     "baby": dict(hidden_size=32, depth=1, num_heads=2),  # tests
     "embedded": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2),
+    # a quarter of the width, half the blocks (0.4 M parameters with one context layer): a generator
+    # whose DDIM step costs a fraction of the embedded foundation (issue: the pipeline's cost)
+    "small": dict(hidden_size=64, depth=2, num_heads=2, patch_size=2),
     "official": dict(hidden_size=512, depth=12, num_heads=8, patch_size=2),  # the paper's DiT
 }
 
