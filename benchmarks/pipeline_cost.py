@@ -27,6 +27,7 @@ The service's own overhead for the same request is benchmarks/service_overhead.p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -53,7 +54,10 @@ def export_pair(pipelines: dict[str, Path], work: Path, steps: list[int], thread
     targets = [("foundation", DiffPromptPipeline.foundation_only(foundation_dir), None, "fused", work / "foundation")]
     for mode, directory in pipelines.items():
         pipeline = DiffPromptPipeline.from_pretrained(directory)
-        prefix = "pipeline" if mode == "two-pass" else f"{mode}"  # the two-pass default keeps the old folder names
+        # the two-pass default keeps the old folder names; others are named by their source, so that an
+        # export of another pipeline is never reused for this one
+        source = hashlib.sha1(str(Path(directory).resolve()).encode()).hexdigest()[:8]
+        prefix = "pipeline" if mode == "two-pass" else f"{mode}-{source}"
         targets += [((mode, a, s), pipeline, s, a, work / f"{prefix}-{s}steps{'' if a == 'fused' else '-' + a}")
                     for a in attentions for s in steps]
     for key, model, s, attention, out in targets:
@@ -130,6 +134,13 @@ def measure(name: str, pipeline_dir: Path, work: Path, repeats: int, args) -> li
     for mode in args.modes:
         if mode == "two-pass":
             pipelines[mode] = pipeline_dir
+        elif name == "embedded" and args.single_pass_pipeline:  # a trained one (its own DiT and learner)
+            from diffprompt.training.models.diffprompt import DiffPromptPipeline
+
+            if not DiffPromptPipeline.from_pretrained(args.single_pass_pipeline).single_pass:
+                raise SystemExit(f"--single-pass-pipeline {args.single_pass_pipeline}: not a single-pass pipeline "
+                                 "(its DiT reads no --condition-layers, or its learner's prompts enter elsewhere)")
+            pipelines[mode] = args.single_pass_pipeline
         else:
             layers = args.single_pass_layers or default_split(pipeline_dir)
             pipelines[mode] = single_pass_variant(pipeline_dir, work / name / "single-pass-model", layers)
@@ -182,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                         "single-pass: the conditions read inside the one pass (a variant of the same shapes)")
     p.add_argument("--single-pass-layers", type=int, nargs=2, default=None, metavar=("VISION", "TEXT"),
                    help="single-pass split: layers below the prompts (default: half of each tower)")
+    p.add_argument("--single-pass-pipeline", type=Path, default=None,
+                   help="embedded: a trained single-pass pipeline (train-dit --condition-layers, then train-prompts) "
+                        "to time as the single-pass mode instead of the variant built from --pipeline")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--owl-repeats", type=int, default=5, help="timed rounds for the OWL model (seconds each)")
     p.add_argument("--warmup", type=int, default=2)
