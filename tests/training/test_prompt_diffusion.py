@@ -42,6 +42,23 @@ def test_per_sample_values_replace_the_learned_prompts_sample_by_sample(method):
             assert torch.allclose(a[0], b[0]) and torch.allclose(a[2], b[2]) and not torch.allclose(a[1], b[1])
 
 
+def test_image_features_given_once_equal_the_tower_run_for_a_learner_without_vision_prompts():
+    """The overfitting runs CoOp's unprompted image tower once per batch, not once per Adam step: the same
+    logits; a learner that prompts the image tower refuses given image features."""
+    from diffprompt.training.models.prompt_learners import prompted_forward
+
+    foundation = GroundingModel(GROUNDING_PRESETS["baby"](vocab_size=50)).eval()
+    pixels, ids, mask = torch.randn(2, 3, 128, 128), torch.randint(1, 49, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    coop = PromptLearner.for_foundation(foundation, "coop", depth=1, length=4)
+    with torch.no_grad():
+        image = foundation.encode_image(pixels)
+        assert torch.equal(prompted_forward(foundation, coop, pixels, ids, mask, image=image).logits,
+                           prompted_forward(foundation, coop, pixels, ids, mask).logits)
+    vpt = PromptLearner.for_foundation(foundation, "vpt", depth=1, length=4)
+    with pytest.raises(ValueError, match="vpt prompts the image tower"):
+        prompted_forward(foundation, vpt, pixels, ids, mask, image=image)
+
+
 def test_the_model_packs_offsets_and_starts_at_the_base_prompts():
     shapes = {"text_prompts": [2, 4, 16]}
     model = PromptDiffusion(PromptDiffusionConfig(prompt_shapes=shapes, image_embed_dim=8, text_embed_dim=8,

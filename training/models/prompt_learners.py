@@ -361,15 +361,19 @@ def prompted_forward(
     masks: torch.Tensor | None = None,  # (B, n, 1, m, m) decoded mask logits (Diff-Prompt)
     values: dict[str, torch.Tensor] | None = None,  # per-sample prompt tensors (Prompt Diffusion)
     trunk: dict[str, torch.Tensor] | None = None,  # single-pass: image_hidden / text_hidden at first_layers
+    image: ImageFeatures | None = None,  # the unprompted image tower's output, for a learner without vision prompts
 ) -> GroundingOutput:
     """The foundation with the learner's prompts / adapters / heads: logits (B, P, 1), boxes (B, P, 4).
 
     A learner whose prompts enter above layer 0 (`first_layers`, single-pass mode) continues the towers
     from the hidden states there: `trunk`'s (the conditions pass's, `foundation_conditions(layers=...)`),
-    or computed here without gradient when not given."""
+    or computed here without gradient when not given. `image`: the image features a learner without vision
+    prompts (CoOp) gets, computed once by a caller that runs the same images several times."""
     vision_prompts = text_prompts = None
     if learner is not None:
         vision_prompts, text_prompts = learner.prompts(pixels.shape[0], masks, values)
+    if image is not None and vision_prompts is not None:
+        raise ValueError(f"{learner.method} prompts the image tower: its image features cannot be given")
     first_v, first_t = learner.config.first_layers if learner is not None else (0, 0)
     if first_v or first_t:
         if trunk is None:
@@ -379,7 +383,7 @@ def prompted_forward(
         image = foundation.continue_image(trunk["image_hidden"], first_v, vision_prompts)
         text = foundation.continue_text(trunk["text_hidden"], ids, mask, first_t, text_prompts)
     else:
-        image = foundation.encode_image(pixels, vision_prompts)
+        image = image if image is not None else foundation.encode_image(pixels, vision_prompts)
         text = foundation.encode_text(ids, mask, text_prompts)
     query = text.query_embeds[:, None, :]  # (B, 1, E)
     if learner is None:

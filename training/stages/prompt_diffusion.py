@@ -81,8 +81,12 @@ def overfitted_offsets(pipeline: DiffPromptPipeline, model: PromptDiffusion, dat
         pixels, batch_ids, batch_mask = pixels.to(device), ids[idx].to(device), mask[idx].to(device)
         masks = (pipeline.generate_masks(pixels, batch_ids, batch_mask, [args.seed] * len(idx))
                  if learner.needs_masks else None)  # (B, n, 1, m, m), no gradient
+        image = None
+        if learner.vision_depth == 0 and not learner.config.first_layers[0]:  # CoOp: the image tower, once
+            with torch.no_grad():
+                image = foundation.encode_image(pixels)
         for _ in range(args.overfit_steps):
-            out = prompted_forward(foundation, learner, pixels, batch_ids, batch_mask, masks, values)
+            out = prompted_forward(foundation, learner, pixels, batch_ids, batch_mask, masks, values, image=image)
             optimizer.zero_grad(set_to_none=True)
             grounding_loss(out, boxes).backward()  # a sum over expressions: each gets only its own gradient
             optimizer.step()
