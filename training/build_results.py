@@ -746,7 +746,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="Prompt Diffusion jobs: their DiT's training steps (default: train-prompt-diffusion's)")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 3, 6, 9], help="depth ablation (seed 0)")
     p.add_argument("--ablation-steps", type=int, nargs="+", default=[5, 10, 25], help="DDIM steps ablation")
-    p.add_argument("--only", nargs="*", default=[], help="run only jobs whose name starts with one of these")
+    p.add_argument("--only", nargs="*", default=[],
+                   help="run only jobs whose name starts with one of these (a prefix: `vpt` also selects the "
+                        "vpt-pd-s* Prompt Diffusion jobs, `vpt-s` the learner alone)")
     p.add_argument("--jobs", type=int, default=1, help="jobs run side by side (processes)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads per job")
     p.add_argument("--report", default="docs/rec_results.md")

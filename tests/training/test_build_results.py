@@ -189,9 +189,10 @@ def test_builder_runs_jobs_and_skips_finished_ones(small_world, tmp_path):
 
     save_baby_foundation(tmp_path / "f")
     argv = ["--work-dir", str(tmp_path / "work"), "--foundation", str(tmp_path / "f"), "--data-dir", str(small_world),
-            "--seeds", "0", "--only", "foundation", "vpt", "--threads", "1", "--report", str(tmp_path / "r.md"),
+            "--seeds", "0", "--only", "foundation", "vpt-s", "--threads", "1", "--report", str(tmp_path / "r.md"),
             "--plot", str(tmp_path / "r.png"), "--masks", str(tmp_path / "m.png"), "--no-progress"]
     assert build_results.main(build_results.build_parser().parse_args(argv)) == 0
+    assert sorted(p.name for p in (tmp_path / "work").iterdir() if p.is_dir()) == ["foundation", "vpt-s0"]  # no PD job
     done = json.loads((tmp_path / "work" / "vpt-s0" / "results.json").read_text())
     assert set(done["eval"]["0"]) == {"val", "testA", "testB", *SHIFT_SPLITS} and done["trainable_parameters"] > 0
     assert (tmp_path / "r.png").stat().st_size > 0 and "VPT-deep" in (tmp_path / "r.md").read_text()
