@@ -41,7 +41,6 @@ from diffprompt.model_export.float16 import PRECISIONS, to_float16
 from diffprompt.model_export.fused_attention import DEFAULT_ATTENTION, check_attention_mode
 from diffprompt.model_export.graphs import (
     PROMPT_CONDITIONS,
-    TRUNK_STATES,
     ConditionEncoder,
     ContinuedGrounding,
     Denoiser,
@@ -53,7 +52,7 @@ from diffprompt.model_export.graphs import (
     export_onnx,
 )
 from diffprompt.model_export.shared_weights import share_weights
-from diffprompt.training.models.diffprompt import DiffPromptPipeline
+from diffprompt.training.models.diffprompt import TRUNK_STATES, DiffPromptPipeline
 from diffprompt.training.models.prompt_sampler import kept_outputs
 
 

@@ -51,7 +51,7 @@ from diffprompt.model_export.fused_attention import (
     check_attention_mode,
     fused_attention,
 )
-from diffprompt.training.models.diffprompt import foundation_conditions
+from diffprompt.training.models.diffprompt import TRUNK_STATES, dit_conditions, foundation_conditions
 from diffprompt.training.models.grounding import GroundingModel
 from diffprompt.training.models.mask_vae import decode_latents
 from diffprompt.training.models.prompt_diffusion import PromptDiffusion
@@ -60,8 +60,6 @@ from diffprompt.training.models.prompt_learners import PromptLearner, prompted_f
 
 # What the prompt denoiser reads: the unprompted foundation's pooled embeddings and tokens
 PROMPT_CONDITIONS = ("image_embed", "text_embed", "image_tokens", "text_tokens", "text_mask")
-# Single-pass mode: the towers' hidden states where the prompts enter (condition_encoder -> grounding)
-TRUNK_STATES = ("image_hidden", "text_hidden")
 
 
 class ConditionEncoder(nn.Module):
@@ -80,10 +78,8 @@ class ConditionEncoder(nn.Module):
             self.output_names += list(TRUNK_STATES)
 
     def forward(self, pixel_values, input_ids, attention_mask):
-        token_dit = self.dit.config.conditioning == "tokens"
-        tokens = token_dit or "image_tokens" in self.output_names
-        cond = foundation_conditions(self.foundation, pixel_values, input_ids, attention_mask, tokens=tokens,
-                                     patch_scores=token_dit, layers=self.dit.config.condition_layers)
+        tokens = self.dit.config.conditioning == "tokens" or "image_tokens" in self.output_names
+        cond = dit_conditions(self.foundation, self.dit, pixel_values, input_ids, attention_mask, tokens=tokens)
         prepared = self.dit.prepare_conditions(**cond)  # its image_embed / text_embed are cond's, unchanged
         return tuple(prepared[k] if k in prepared else cond[k] for k in self.output_names)
 

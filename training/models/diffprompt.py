@@ -48,6 +48,8 @@ from diffprompt.training.models.prompt_sampler import make_scheduler, sample_pro
 
 PIPELINE_FILE = "pipeline.json"
 SCHEDULER_FILE = "scheduler_config.json"
+# Single-pass mode: the towers' hidden states where the prompts enter (`foundation_conditions(layers=...)`)
+TRUNK_STATES = ("image_hidden", "text_hidden")
 
 
 @torch.no_grad()
@@ -61,8 +63,8 @@ def foundation_conditions(
 
     `layers` (vision, text): single-pass mode. Only the towers' first layers run; the conditions are read
     from their hidden states there (through the final norms, projections and heads, as if they were the
-    last), and the hidden states themselves are returned too, image_hidden (B, 1+P, Dv) and
-    text_hidden (B, T, Dt), for the prompted pass to continue from (`prompted_forward(trunk=...)`)."""
+    last), and the hidden states themselves are returned too (TRUNK_STATES), image_hidden (B, 1+P, Dv)
+    and text_hidden (B, T, Dt), for the prompted pass to continue from (`prompted_forward(trunk=...)`)."""
     if layers is None:
         image = foundation.encode_image(pixels)
         text = foundation.encode_text(ids, mask)
@@ -70,7 +72,7 @@ def foundation_conditions(
     else:
         hidden_v, hidden_t = foundation.image_trunk(pixels, layers[0]), foundation.text_trunk(ids, mask, layers[1])
         image, text = foundation.image_features(hidden_v), foundation.text_features(hidden_t, ids)
-        cond = {"image_hidden": hidden_v, "text_hidden": hidden_t}
+        cond = dict(zip(TRUNK_STATES, (hidden_v, hidden_t)))
     cond.update(image_embed=image.pooled, text_embed=text.query_embeds)  # (B, E), (B, E)
     if tokens:
         cond.update(image_tokens=image.tokens, text_tokens=text.tokens, text_mask=mask.float())
@@ -82,9 +84,11 @@ def foundation_conditions(
 
 def dit_conditions(foundation: GroundingModel, dit: PromptDiT, pixels: torch.Tensor, ids: torch.Tensor,
                    mask: torch.Tensor, **options) -> dict[str, torch.Tensor]:
-    """`foundation_conditions` as `dit` reads them: its conditioning (pooled or tokens) and, in single-pass
-    mode, the layers it reads them at. `options`: tokens / patch_scores overrides."""
-    options.setdefault("tokens", dit.config.conditioning == "tokens")
+    """`foundation_conditions` as `dit` reads them: its conditioning (pooled, or tokens with the per-patch
+    scores) and, in single-pass mode, the layers it reads them at. `options`: tokens / patch_scores overrides."""
+    token_dit = dit.config.conditioning == "tokens"
+    options.setdefault("tokens", token_dit)
+    options.setdefault("patch_scores", token_dit)
     return foundation_conditions(foundation, pixels, ids, mask, layers=dit.config.condition_layers, **options)
 
 
@@ -211,11 +215,9 @@ class DiffPromptPipeline:
         pointer = self.dit is not None and (self.pointer_only or self.pointer_weight)
         needs_masks = self.learner is not None and self.learner.needs_masks
         if pointer or self.prompt_diffusion is not None or (needs_masks and self.single_pass):
-            # one unprompted pass serves the DiT, Prompt Diffusion and (single pass) the prompted pass
-            token_dit = self.dit is not None and self.dit.config.conditioning == "tokens"
-            layers = self.dit.config.condition_layers if self.dit is not None else None
-            cond = foundation_conditions(self.foundation, pixels, ids, mask, True, patch_scores=pointer or token_dit,
-                                         layers=layers)
+            # one unprompted pass serves the DiT, Prompt Diffusion (its tokens) and (single pass) the prompted pass
+            cond = (dit_conditions(self.foundation, self.dit, pixels, ids, mask, tokens=True) if self.dit is not None
+                    else foundation_conditions(self.foundation, pixels, ids, mask, True, patch_scores=False))
         if needs_masks:
             masks = self.generate_masks(pixels, ids, mask, seeds, cond)
         if self.prompt_diffusion is not None:  # the learner's prompts, generated for each query

@@ -82,7 +82,7 @@ def overfitted_offsets(pipeline: DiffPromptPipeline, model: PromptDiffusion, dat
         masks = (pipeline.generate_masks(pixels, batch_ids, batch_mask, [args.seed] * len(idx))
                  if learner.needs_masks else None)  # (B, n, 1, m, m), no gradient
         image = None
-        if learner.vision_depth == 0 and not learner.config.first_layers[0]:  # CoOp: the image tower, once
+        if learner.vision_depth == 0 and not any(learner.config.first_layers):  # CoOp: the image tower, once
             with torch.no_grad():
                 image = foundation.encode_image(pixels)
         for _ in range(args.overfit_steps):

@@ -29,7 +29,7 @@ from diffprompt.core.image_spec import ImageSpec
 from diffprompt.training.data.mdetr import load_split
 from diffprompt.training.data.rec_arrays import RecArrays, data_digest, load_rec_arrays
 from diffprompt.training.data.row_cache import RowArrays, cached_rows, file_digest
-from diffprompt.training.models.diffprompt import SCHEDULER_FILE, foundation_conditions, load_foundation
+from diffprompt.training.models.diffprompt import SCHEDULER_FILE, TRUNK_STATES, foundation_conditions, load_foundation
 from diffprompt.training.models.mask_vae import MaskVAE, decode_latents, encode_masks, mask_iou
 from diffprompt.training.models.prompt_dit import PROMPT_DIT_PRESETS, PromptDiT, PromptDiTConfig, referred_patch
 from diffprompt.training.models.prompt_sampler import make_scheduler, sample_prompt_latents
@@ -55,7 +55,7 @@ def compute_conditions(foundation, tokenizer, data: RecArrays, tokens: bool, bat
         ids, mask = tokenizer([data.samples[i].expression for i in idx])
         cond = foundation_conditions(foundation, px.to(device), torch.from_numpy(ids).to(device),
                                      torch.from_numpy(mask).to(device), tokens, layers=layers)
-        yield {k: v.float().cpu().numpy() for k, v in cond.items() if k not in ("image_hidden", "text_hidden")}
+        yield {k: v.float().cpu().numpy() for k, v in cond.items() if k not in TRUNK_STATES}
 
 
 def cached_conditions(run: StageRunner, args: argparse.Namespace, foundation, tokenizer, data: RecArrays,
